@@ -1,0 +1,15 @@
+"""Live, commit-safe events from Django to browsers over websockets.
+
+Import ``publish`` from here: ``from realtime import publish``.
+"""
+
+from typing import Any
+
+__all__ = ["publish"]
+
+
+def publish(*args: Any, **kwargs: Any) -> Any:
+    """Publish an event in the current transaction; see ``realtime.outbox.publish``."""
+    from realtime.outbox import publish as _publish
+
+    return _publish(*args, **kwargs)

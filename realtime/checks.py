@@ -1,0 +1,53 @@
+"""System checks of the realtime app (``manage.py check``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings as django_settings
+from django.core import checks
+from django.db import connections
+
+from realtime.conf import settings
+
+__all__ = ["check_database", "check_session_engine", "check_settings"]
+
+
+@checks.register(checks.Tags.database, deploy=False)
+def check_database(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """realtime.E001: the outbox needs PostgreSQL (LISTEN/NOTIFY, triggers, arrays)."""
+    vendor = connections["default"].vendor
+    if vendor == "postgresql":
+        return []
+    return [
+        checks.Error(
+            f"The realtime app needs PostgreSQL, but the default database is {vendor}.",
+            hint="Set DATABASES['default']['ENGINE'] to 'django.db.backends.postgresql' "
+            "(or set DATABASE_URL=postgresql://... for this project).",
+            id="realtime.E001",
+        )
+    ]
+
+
+@checks.register()
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """realtime.E002: every REALTIME setting is known and well-typed."""
+    return [
+        checks.Error(message, hint="See docs/settings.md for the REALTIME settings.", id="realtime.E002")
+        for message in settings.errors
+    ]
+
+
+@checks.register()
+def check_session_engine(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """realtime.W001: tokens are bound to server-side sessions."""
+    if django_settings.SESSION_ENGINE == "django.contrib.sessions.backends.signed_cookies":
+        return [
+            checks.Warning(
+                "Realtime tokens are bound to server-side sessions, but SESSION_ENGINE "
+                "stores sessions in signed cookies: logout cannot revoke websocket access.",
+                hint="Use the db, cache or cached_db session engine.",
+                id="realtime.W001",
+            )
+        ]
+    return []

@@ -1,0 +1,136 @@
+"""The LISTEN loop: wake on NOTIFY, read new outbox rows after the cursor.
+
+The listener owns two psycopg async connections (``application_name``
+``realtime-listener``): one sits in ``notifies()``, which holds its
+connection's lock, and one reads rows. Each wake-up reads every row with a
+position above the cursor, in batches, and hands them to ``deliver`` in
+commit order. If either connection dies, both are dropped, ``ready`` turns
+False, and the loop reconnects with exponential backoff and jitter, LISTENs
+again, and catches up from its cursor, so nothing committed meanwhile is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+
+import psycopg
+
+from realtime.db import EVENT_COLUMNS, OutboxEvent, row_to_event
+from realtime.outbox import NOTIFY_CHANNEL
+
+__all__ = ["Listener"]
+
+logger = logging.getLogger("realtime.listener")
+
+# Safety net: read the outbox this often even without a NOTIFY; it also
+# proves the reading connection is alive.
+POLL_INTERVAL = 5.0
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
+
+
+class Listener:
+    """Feeds committed events to ``deliver`` exactly once each, in order.
+
+    Args:
+        conninfo: libpq connection string of the database.
+        deliver: called in the event loop with each batch of new events.
+        batch_size: rows read per query.
+    """
+
+    def __init__(self, conninfo: str, deliver: Callable[[list[OutboxEvent]], None], batch_size: int = 500) -> None:
+        self.conninfo = conninfo
+        self.deliver = deliver
+        self.batch_size = batch_size
+        # Highest position delivered; None until the first connection.
+        self.cursor: int | None = None
+        self.ready = False
+        self.reconnects = 0
+        self.started = asyncio.Event()
+        self._wake = asyncio.Event()
+
+    async def run(self) -> None:
+        """Listen until cancelled, reconnecting after every failure."""
+        delay = BACKOFF_MIN
+        while True:
+            try:
+                await self._session()
+            except (psycopg.Error, OSError) as exc:
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                if self.ready:
+                    logger.warning("listener connection lost, reconnecting: %s", reason)
+                    delay = BACKOFF_MIN
+                else:
+                    logger.warning("listener cannot connect, retrying in %.1fs: %s", delay, reason)
+                    delay = min(delay * 2, BACKOFF_MAX)
+            finally:
+                self.ready = False
+            # Jitter: workers that lost PostgreSQL together come back apart.
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            self.reconnects += 1
+
+    async def _session(self) -> None:
+        listen = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+        try:
+            fetch = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+            try:
+                await listen.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                if self.cursor is None:
+                    cursor = await fetch.execute("SELECT coalesce(max(position), 0) FROM realtime_event")
+                    row = await cursor.fetchone()
+                    self.cursor = int(row[0]) if row else 0
+                self.ready = True
+                self.started.set()
+                logger.info("listening on channel %r from position %d", NOTIFY_CHANNEL, self.cursor)
+                self._wake.set()  # catch up on what was committed while away
+                tasks = [
+                    asyncio.create_task(self._wait_notifies(listen)),
+                    asyncio.create_task(self._read_loop(fetch)),
+                ]
+                try:
+                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                    for task in tasks:
+                        with contextlib.suppress(asyncio.CancelledError, psycopg.Error, OSError):
+                            await task
+                for task in done:
+                    task.result()  # re-raise the failure that ended the session
+            finally:
+                await _close(fetch)
+        finally:
+            await _close(listen)
+
+    async def _wait_notifies(self, connection: psycopg.AsyncConnection) -> None:
+        async for _ in connection.notifies():
+            self._wake.set()
+        raise psycopg.OperationalError("notification stream ended")
+
+    async def _read_loop(self, connection: psycopg.AsyncConnection) -> None:
+        sql = f"SELECT {EVENT_COLUMNS} FROM realtime_event WHERE position > %s ORDER BY position LIMIT %s"
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
+            self._wake.clear()
+            while True:
+                cursor = await connection.execute(sql, (self.cursor, self.batch_size))
+                rows = await cursor.fetchall()
+                if rows:
+                    events = [row_to_event(row) for row in rows]
+                    self.cursor = events[-1].position
+                    try:
+                        self.deliver(events)
+                    except Exception:
+                        # A routing bug must not stop delivery of later events.
+                        logger.exception("delivering events up to %d failed", self.cursor)
+                if len(rows) < self.batch_size:
+                    break
+
+
+async def _close(connection: psycopg.AsyncConnection) -> None:
+    with contextlib.suppress(Exception):
+        await connection.close()

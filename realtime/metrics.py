@@ -1,0 +1,35 @@
+"""Prometheus metrics of a websocket worker, served at ``/metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    """The worker's counters and gauges, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge("realtime_connections", "Open authenticated connections.", registry=r)
+        self.authentications = Counter(
+            "realtime_authentications", "Authentication attempts by outcome.", ["outcome"], registry=r
+        )
+        self.events = Counter("realtime_events_routed", "Events routed to at least one client.", registry=r)
+        self.frames = Counter("realtime_frames_sent", "Event frames sent to clients.", registry=r)
+        self.dropped = Counter(
+            "realtime_frames_dropped", "Frames not sent because the client was closed for being slow.", registry=r
+        )
+        self.listener_up = Gauge("realtime_listener_up", "1 while the LISTEN connection is up.", registry=r)
+        self.lag = Histogram(
+            "realtime_commit_to_send_seconds",
+            "Time from publish to send, per event.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        """Return the Prometheus text exposition."""
+        return generate_latest(self.registry)

@@ -1,0 +1,275 @@
+"""The websocket worker: serve(), the connection handler, HTTP routes, shutdown.
+
+One :class:`Worker` per process. It runs a :class:`~realtime.listener.Listener`
+and a websockets server on one port:
+
+- ``GET /healthz`` 200 while the process serves; ``GET /readyz`` 200 while
+  the listener is connected, else 503; ``GET /metrics`` Prometheus text;
+- any other path upgrades to a websocket. The first message must
+  authenticate within ``AUTH_TIMEOUT`` (else 4408); a bad token closes 4401.
+  Then: ``welcome``, the replay of what the client missed (``last_id``), and
+  live events, each exactly once and in commit order.
+
+Every ORM or session call runs in the thread pool (``realtime.db.run_sync``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from realtime import protocol, tokens
+from realtime.conf import settings
+from realtime.db import OutboxEvent, listener_conninfo, read_events, run_sync
+from realtime.listener import Listener
+from realtime.metrics import Metrics
+from realtime.protocol import CloseCode, State
+from realtime.registry import Client, Registry, matches
+from realtime.topics import can_subscribe
+
+__all__ = ["Worker"]
+
+logger = logging.getLogger("realtime.server")
+
+
+class Worker:
+    """One websocket worker process: listener, registry and server."""
+
+    def __init__(self, *, conninfo: str | None = None) -> None:
+        self.registry = Registry()
+        self.metrics = Metrics()
+        self.listener = Listener(conninfo or listener_conninfo(), self.deliver, settings.BATCH_SIZE)
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def run(self, host: str | None, port: int | None, stop: Awaitable[Any], **serve_kwargs: Any) -> None:
+        """Serve on ``host:port`` until ``stop`` completes, then close clients with 1001."""
+        loop = asyncio.get_running_loop()
+        # The default executor has min(32, cpus + 4) threads: too few for a burst of logins.
+        loop.set_default_executor(ThreadPoolExecutor(settings.THREADS, thread_name_prefix="realtime-db"))
+        listener_task = asyncio.create_task(self.listener.run(), name="realtime-listener")
+        try:
+            async with serve(
+                self.handler,
+                host,
+                port,
+                process_request=self.process_request,
+                max_size=settings.MAX_MESSAGE_SIZE,
+                ping_interval=settings.PING_INTERVAL,
+                ping_timeout=settings.PING_TIMEOUT,
+                **serve_kwargs,
+            ) as server:
+                for sock in server.sockets:
+                    logger.info("websocket worker listening on %s", _format_address(sock.getsockname()))
+                await stop
+                logger.info("shutting down: closing %d connection(s) with 1001", len(self.registry))
+        finally:
+            listener_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener_task
+
+    # HTTP on the websocket port.
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "OK\n")
+        if path == "/readyz":
+            self.metrics.listener_up.set(1 if self.listener.ready else 0)
+            if self.listener.ready:
+                return connection.respond(HTTPStatus.OK, "ready\n")
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "listener not connected\n")
+        if path == "/metrics":
+            self.metrics.listener_up.set(1 if self.listener.ready else 0)
+            response = connection.respond(HTTPStatus.OK, "")
+            response.body = self.metrics.render()
+            del response.headers["Content-Type"]
+            del response.headers["Content-Length"]
+            response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+            response.headers["Content-Length"] = str(len(response.body))
+            return response
+        if self.listener.cursor is None:
+            # Until the listener has read its first position, a welcome could
+            # not say where the client stands.
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "starting, try again\n")
+        return None
+
+    # The websocket handler.
+
+    async def handler(self, ws: ServerConnection) -> None:
+        remote = _format_address(ws.remote_address)
+        try:
+            first = await asyncio.wait_for(ws.recv(), settings.AUTH_TIMEOUT)
+        except TimeoutError:
+            self.metrics.authentications.labels("timeout").inc()
+            logger.info("%s closed 4408: no authentication in %ss", remote, settings.AUTH_TIMEOUT)
+            await ws.close(CloseCode.AUTH_TIMEOUT, "authentication timeout")
+            return
+        except ConnectionClosed:
+            return
+        try:
+            auth = protocol.parse_auth(first)
+        except protocol.ProtocolError as exc:
+            self.metrics.authentications.labels("bad_message").inc()
+            logger.info("%s closed %d: %s", remote, exc.close_code, exc.message)
+            await ws.close(exc.close_code or CloseCode.POLICY_VIOLATION, exc.message)
+            return
+        identity = await run_sync(tokens.verify, auth.token)
+        if identity is None:
+            self.metrics.authentications.labels("refused").inc()
+            logger.info("%s closed 4401: authentication failed", remote)
+            await ws.close(CloseCode.AUTH_FAILED, "authentication failed")
+            return
+        self.metrics.authentications.labels("accepted").inc()
+        client = Client(ws, identity, remote)
+        for topic in auth.topics:
+            if can_subscribe(identity, topic):
+                self.registry.subscribe(client, topic)
+        # Register before reading the replay: live events from here on queue
+        # in client.pending, the replay covers (last_id, start].
+        start = self.listener.cursor or 0
+        client.cursor = max(start, auth.last_id or 0)
+        self.registry.add(client)
+        self.metrics.connections.inc()
+        logger.info("%s authenticated as user %d (%s)", remote, identity.user_id, identity.username)
+        try:
+            await ws.send(protocol.encode_welcome(identity.user_id, identity.username, start))
+            for topic in auth.topics:
+                await ws.send(protocol.encode_subscribed(topic, topic in client.topics))
+            if auth.last_id is not None and auth.last_id < start:
+                await self._replay(client, auth.last_id, start)
+            while client.pending:
+                await ws.send(client.pending.popleft()[1])
+            client.pending = None
+            client.state = State.LIVE
+            async for message in ws:
+                await self._on_message(client, message)
+        except ConnectionClosed:
+            pass
+        finally:
+            client.state = State.CLOSED
+            self.registry.remove(client)
+            self.metrics.connections.dec()
+            close_code = ws.close_code if ws.close_code is not None else "-"
+            logger.info("%s user %d disconnected (%s)", remote, identity.user_id, close_code)
+
+    async def _replay(self, client: Client, after: int, upto: int) -> None:
+        while after < upto:
+            events = await run_sync(read_events, after, upto, settings.BATCH_SIZE)
+            if not events:
+                return
+            for event in events:
+                if matches(client.identity, client.topics, event.audience):
+                    await client.ws.send(_encode(event))
+            after = events[-1].position
+
+    async def _on_message(self, client: Client, message: str | bytes) -> None:
+        ws = client.ws
+        try:
+            parsed = protocol.parse_message(message)
+        except protocol.ProtocolError as exc:
+            if exc.close_code is not None:
+                await ws.close(exc.close_code, exc.message)
+            else:
+                await ws.send(protocol.encode_error(exc.code, exc.message))
+            return
+        if isinstance(parsed, protocol.Ping):
+            await ws.send(protocol.encode_pong())
+        elif isinstance(parsed, protocol.Subscribe):
+            if can_subscribe(client.identity, parsed.topic):
+                self.registry.subscribe(client, parsed.topic)
+                await ws.send(protocol.encode_subscribed(parsed.topic, True))
+            else:
+                await ws.send(protocol.encode_error("forbidden", f"You may not subscribe to topic {parsed.topic!r}."))
+        elif isinstance(parsed, protocol.Unsubscribe):
+            self.registry.unsubscribe(client, parsed.topic)
+            await ws.send(protocol.encode_subscribed(parsed.topic, False))
+
+    # Routing, called by the listener in commit order.
+
+    def deliver(self, events: list[OutboxEvent]) -> None:
+        """Route each committed event to its connected recipients."""
+        now = time.time()
+        for event in events:
+            if event.control:
+                self._control(event)
+                continue
+            recipients = self.registry.recipients(event.audience)
+            if not recipients:
+                continue
+            message = _encode(event)
+            live = []
+            for client in recipients:
+                if client.cursor >= event.position:
+                    continue  # the replay or another path already has it
+                client.cursor = event.position
+                if client.pending is None:
+                    live.append(client.ws)
+                elif len(client.pending) < settings.MAX_PENDING:
+                    client.pending.append((event.position, message))
+                else:
+                    self.metrics.dropped.inc()
+                    self._spawn(client.ws.close(CloseCode.TRY_AGAIN_LATER, "too far behind"))
+            if live:
+                broadcast(live, message)
+            self.metrics.events.inc()
+            self.metrics.frames.inc(len(live))
+            self.metrics.lag.observe(max(0.0, now - event.created))
+
+    def _control(self, event: OutboxEvent) -> None:
+        import json
+
+        data = json.loads(event.data_json)
+        if event.name == "realtime.session_ended":
+            for client in self.registry.for_session(data.get("session", "")):
+                logger.info("%s user %d: session ended, closing 4401", client.remote, client.identity.user_id)
+                self._spawn(client.ws.close(CloseCode.AUTH_FAILED, "session ended"))
+        elif event.name == "realtime.user_changed":
+            clients: set[Client] = set()
+            for user_id in data.get("users", ()):
+                clients |= self.registry.for_user(user_id)
+            for group in data.get("groups", ()):
+                clients |= self.registry.for_group(group)
+            for client in clients:
+                self._spawn(self._refresh(client))
+
+    async def _refresh(self, client: Client) -> None:
+        """Re-read ``client``'s rights; close it with 4401 if its session is no longer valid."""
+        old = client.identity
+        identity = await run_sync(tokens.identity_for_session, old.session_key, old.user_id)
+        if client.state is State.CLOSED:
+            return
+        if identity is None:
+            logger.info("%s user %d: access revoked, closing 4401", client.remote, old.user_id)
+            await client.ws.close(CloseCode.AUTH_FAILED, "access revoked")
+            return
+        self.registry.update_identity(client, identity)
+        for topic in list(client.topics):
+            if not can_subscribe(identity, topic):
+                self.registry.unsubscribe(client, topic)
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _encode(event: OutboxEvent) -> str:
+    return protocol.encode_event(event.position, event.name, event.topic, event.data_json, event.at)
+
+
+def _format_address(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address or "unix")

@@ -1,0 +1,123 @@
+"""Django signals -> outbox events.
+
+- Every admin ``LogEntry`` becomes an ``admin.logentry`` event for active staff
+  who may view or change the model. ``post_save`` covers single entries; since
+  Django 5.1 ``LogEntry.objects.log_actions()`` bulk-creates several entries
+  (bulk delete) without signals, so ``connect()`` wraps it too.
+- Logout publishes a control event carrying a hash of the session key (never
+  the key) so the workers close that session's sockets.
+- Changes to a user (active, staff, superuser, groups, permissions) publish a
+  control event so the workers re-check that user's open connections.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import Any
+
+from django.contrib.admin.models import ADDITION, CHANGE, DELETION, LogEntry, LogEntryManager
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.contrib.auth.signals import user_logged_out
+from django.db.models.signals import m2m_changed, post_save
+
+from realtime.outbox import publish_audience, publish_control
+
+__all__ = ["ADMIN_EVENT", "admin_event_data", "connect", "session_hash"]
+
+ADMIN_EVENT = "admin.logentry"
+_ACTIONS = {ADDITION: "addition", CHANGE: "change", DELETION: "deletion"}
+
+
+def session_hash(session_key: str) -> str:
+    """Return the hash that stands for a session key in events and logs."""
+    return hashlib.sha256(session_key.encode()).hexdigest()
+
+
+def admin_event_data(entry: LogEntry) -> dict[str, Any]:
+    """Return the ``data`` of the ``admin.logentry`` event for ``entry``."""
+    content_type = entry.content_type
+    actor = entry.user
+    return {
+        "action": _ACTIONS.get(entry.action_flag, str(entry.action_flag)),
+        "object_repr": entry.object_repr,
+        "content_type": f"{content_type.app_label}.{content_type.model}" if content_type else None,
+        "object_id": entry.object_id,
+        "change_message": entry.get_change_message(),
+        "actor": {"id": actor.pk, "username": actor.get_username()},
+        "admin_url": None if entry.action_flag == DELETION else (entry.get_admin_url() or None),
+        "action_time": entry.action_time.isoformat(),
+    }
+
+
+def publish_log_entry(entry: LogEntry) -> None:
+    """Publish ``entry`` to active staff who may view or change its model."""
+    content_type = entry.content_type
+    if content_type is None:
+        # The model is gone; those who may read the admin log still may.
+        permissions = ["admin.view_logentry"]
+    else:
+        app, model = content_type.app_label, content_type.model
+        permissions = [f"{app}.view_{model}", f"{app}.change_{model}"]
+    publish_audience(ADMIN_EVENT, admin_event_data(entry), permissions=permissions, staff_only=True)
+
+
+def _on_log_entry_saved(sender: Any, instance: LogEntry, created: bool, raw: bool = False, **kwargs: Any) -> None:
+    if created and not raw:
+        publish_log_entry(instance)
+
+
+def _wrap_log_actions() -> None:
+    original = LogEntryManager.log_actions
+    if getattr(original, "_realtime_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def log_actions(self: LogEntryManager, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        # One entry is saved (post_save fires); several are bulk-created.
+        if isinstance(result, list) and len(result) > 1:
+            for entry in result:
+                publish_log_entry(entry)
+        return result
+
+    log_actions._realtime_wrapped = True  # type: ignore[attr-defined]
+    LogEntryManager.log_actions = log_actions  # type: ignore[method-assign]
+
+
+def _on_logout(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
+    # Fired before the session is flushed: the key is still readable here.
+    session_key = getattr(getattr(request, "session", None), "session_key", None)
+    if session_key:
+        publish_control("realtime.session_ended", {"session": session_hash(session_key)})
+
+
+def _on_user_saved(sender: Any, instance: Any, created: bool, update_fields: Any = None, **kwargs: Any) -> None:
+    if created or (update_fields is not None and set(update_fields) <= {"last_login"}):
+        return  # a login saves last_login: nothing a connection depends on
+    publish_control("realtime.user_changed", {"users": [instance.pk]})
+
+
+def _on_user_m2m(sender: Any, instance: Any, action: str, pk_set: Any, **kwargs: Any) -> None:
+    if not action.startswith("post_"):
+        return
+    if isinstance(instance, Group):
+        # A group's permissions or users changed: re-check its members.
+        publish_control("realtime.user_changed", {"groups": [instance.name]})
+        if action in ("post_add", "post_remove") and sender is get_user_model().groups.through:
+            publish_control("realtime.user_changed", {"users": sorted(pk_set or ())})
+    else:
+        publish_control("realtime.user_changed", {"users": [instance.pk]})
+
+
+def connect() -> None:
+    """Connect the receivers; called once from ``RealtimeConfig.ready()``."""
+    User = get_user_model()
+    post_save.connect(_on_log_entry_saved, sender=LogEntry, dispatch_uid="realtime.logentry")
+    _wrap_log_actions()
+    user_logged_out.connect(_on_logout, dispatch_uid="realtime.logout")
+    post_save.connect(_on_user_saved, sender=User, dispatch_uid="realtime.user_saved")
+    m2m_changed.connect(_on_user_m2m, sender=User.groups.through, dispatch_uid="realtime.user_groups")
+    m2m_changed.connect(_on_user_m2m, sender=User.user_permissions.through, dispatch_uid="realtime.user_perms")
+    m2m_changed.connect(_on_user_m2m, sender=Group.permissions.through, dispatch_uid="realtime.group_perms")

@@ -1,0 +1,180 @@
+"""Fixtures: a real websocket worker process on a free loopback port, tokens, clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.db import connection
+from django.test import Client as HttpClient
+from psycopg.conninfo import make_conninfo
+from websockets.sync.client import ClientConnection, connect
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+WAIT = 10.0  # generous bound on any wait for a message
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_database_url() -> str:
+    """A libpq string for the test database pytest-django created."""
+    db = connection.settings_dict
+    params = {
+        "dbname": db["NAME"],
+        "user": db.get("USER") or None,
+        "password": db.get("PASSWORD") or None,
+        "host": db.get("HOST") or None,
+        "port": db.get("PORT") or None,
+    }
+    return make_conninfo(**{k: v for k, v in params.items() if v is not None})
+
+
+@dataclass
+class WorkerProcess:
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    def http(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_worker(extra_env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> WorkerProcess:
+    """Start ``manage.py runwebsockets`` on a free port against the test database; wait until ready."""
+    port = free_port()
+    log_file = tempfile.NamedTemporaryFile(prefix="realtime-worker-", suffix=".log", delete=False)
+    env = {**os.environ, "DATABASE_URL": test_database_url(), "REALTIME_LOG_LEVEL": "DEBUG", **(extra_env or {})}
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "runwebsockets", f"127.0.0.1:{port}", *args],
+        cwd=BASE_DIR,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
+    worker = WorkerProcess(process, port, Path(log_file.name))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"worker exited with {process.returncode}:\n{worker.log()}")
+        try:
+            if worker.http("/readyz")[0] == 200:
+                return worker
+        except OSError:
+            pass
+        time.sleep(0.05)
+    worker.stop(signal.SIGKILL)
+    raise RuntimeError(f"worker not ready in 30 s:\n{worker.log()}")
+
+
+@pytest.fixture
+def worker(transactional_db: None) -> Iterator[WorkerProcess]:
+    """A websocket worker process serving the test database, stopped after the test."""
+    process = start_worker()
+    try:
+        yield process
+    finally:
+        process.stop()
+        if os.environ.get("REALTIME_SHOW_WORKER_LOG"):
+            print(process.log())
+        if not getattr(process, "keep_log", False):
+            process.log_path.unlink(missing_ok=True)
+
+
+def make_user(username: str, *, staff: bool = False, superuser: bool = False, perms: tuple[str, ...] = ()) -> Any:
+    from django.contrib.auth.models import Permission
+
+    User = get_user_model()
+    user = User.objects.create_user(username, password="pw-" + username, is_staff=staff, is_superuser=superuser)
+    for perm in perms:
+        app_label, codename = perm.split(".")
+        user.user_permissions.add(Permission.objects.get(content_type__app_label=app_label, codename=codename))
+    return user
+
+
+def logged_in(user: Any) -> HttpClient:
+    client = HttpClient()
+    client.force_login(user)
+    return client
+
+
+def get_token(client: HttpClient) -> str:
+    response = client.get("/realtime/token/")
+    assert response.status_code == 200, response.content
+    return response.json()["token"]
+
+
+def open_ws(
+    worker: WorkerProcess, token: str, last_id: int | None = None, topics: list[str] | None = None
+) -> tuple[ClientConnection, dict[str, Any]]:
+    """Connect and authenticate; return the connection and the welcome message."""
+    ws = connect(worker.url, open_timeout=WAIT, max_size=None, legacy=True)
+    auth: dict[str, Any] = {"type": "auth", "token": token, "last_id": last_id}
+    if topics:
+        auth["topics"] = topics
+    ws.send(json.dumps(auth))
+    welcome = json.loads(ws.recv(WAIT))
+    assert welcome["type"] == "welcome", welcome
+    return ws, welcome
+
+
+def receive(ws: ClientConnection, timeout: float = WAIT) -> dict[str, Any]:
+    return json.loads(ws.recv(timeout))
+
+
+def receive_events(ws: ClientConnection, count: int, timeout: float = WAIT) -> list[dict[str, Any]]:
+    """Receive ``count`` event messages (skipping other types) within ``timeout``."""
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while len(events) < count:
+        message = json.loads(ws.recv(max(0.01, deadline - time.monotonic())))
+        if message["type"] == "event":
+            events.append(message)
+    return events
+
+
+def assert_silent(ws: ClientConnection, wait: float = 0.5) -> None:
+    """Assert that no event arrives within ``wait`` seconds."""
+    try:
+        message = ws.recv(wait)
+    except TimeoutError:
+        return
+    raise AssertionError(f"unexpected message: {message}")
