@@ -112,7 +112,7 @@ def parse_auth(message: str | bytes) -> Auth:
     if not isinstance(message, str):
         raise ProtocolError("bad_message", "The first message must be text.", CloseCode.POLICY_VIOLATION)
     text = message.strip()
-    if not text.startswith("{"):
+    if not text.startswith(("{", "[", '"')):
         # A bare token string, as in the websockets documentation.
         if not text or any(c.isspace() for c in text):
             raise ProtocolError("bad_token", "The token is empty or malformed.", CloseCode.AUTH_FAILED)

@@ -43,7 +43,7 @@ def admin_event_data(entry: LogEntry) -> dict[str, Any]:
         "action": _ACTIONS.get(entry.action_flag, str(entry.action_flag)),
         "object_repr": entry.object_repr,
         "content_type": f"{content_type.app_label}.{content_type.model}" if content_type else None,
-        "object_id": entry.object_id,
+        "object_id": None if entry.object_id is None else str(entry.object_id),
         "change_message": entry.get_change_message(),
         "actor": {"id": actor.pk, "username": actor.get_username()},
         "admin_url": None if entry.action_flag == DELETION else (entry.get_admin_url() or None),

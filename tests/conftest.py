@@ -81,16 +81,17 @@ class WorkerProcess:
 def start_worker(extra_env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> WorkerProcess:
     """Start ``manage.py runwebsockets`` on a free port against the test database; wait until ready."""
     port = free_port()
-    log_file = tempfile.NamedTemporaryFile(prefix="realtime-worker-", suffix=".log", delete=False)
+    fd, log_name = tempfile.mkstemp(prefix="realtime-worker-", suffix=".log")
     env = {**os.environ, "DATABASE_URL": test_database_url(), "REALTIME_LOG_LEVEL": "DEBUG", **(extra_env or {})}
-    process = subprocess.Popen(
-        [sys.executable, "manage.py", "runwebsockets", f"127.0.0.1:{port}", *args],
-        cwd=BASE_DIR,
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-    )
-    worker = WorkerProcess(process, port, Path(log_file.name))
+    with os.fdopen(fd, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "runwebsockets", f"127.0.0.1:{port}", *args],
+            cwd=BASE_DIR,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    worker = WorkerProcess(process, port, Path(log_name))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -119,14 +119,14 @@ def test_resume_delivers_exactly_what_was_missed(worker):
     """A reconnecting client gets the events it missed, once, in order, and then live ones."""
     alice = make_user("alice")
     client = logged_in(alice)
-    ws, welcome = open_ws(worker, get_token(client))
+    ws, _ = open_ws(worker, get_token(client))
     publish("e", {"n": 0}, users=[alice])
     (seen,) = receive_events(ws, 1)
     ws.close()
     for n in range(1, 6):
         publish("e", {"n": n}, users=[alice])
     publish("other", {}, everyone=False, users=[make_user("bob")])
-    ws, welcome = open_ws(worker, get_token(client), last_id=seen["id"])
+    ws, _ = open_ws(worker, get_token(client), last_id=seen["id"])
     missed = receive_events(ws, 5)
     assert [m["data"]["n"] for m in missed] == [1, 2, 3, 4, 5]
     publish("e", {"n": 6}, users=[alice])

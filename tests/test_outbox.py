@@ -1,0 +1,128 @@
+"""publish(): validation, transactions, and commit-ordered positions in the database."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import threading
+
+import pytest
+from django.db import connection, transaction
+from django.test import override_settings
+
+from realtime import publish
+from realtime.models import Event
+from tests.conftest import WAIT, make_user
+
+
+@pytest.mark.django_db
+def test_publish_requires_an_audience():
+    """An event with nobody to receive it is a programming error."""
+    with pytest.raises(TypeError, match=r"publish\('x'\) has no audience"):
+        publish("x", {})
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"event": "", "everyone": True}, ValueError, "non-empty string"),
+        ({"event": "realtime.session_ended", "everyone": True}, ValueError, "reserved"),
+        ({"event": "x", "users": ["alice"]}, TypeError, "integer primary keys"),
+        ({"event": "x", "groups": [3]}, TypeError, "Group objects or group names"),
+        ({"event": "x", "permission": "view_user"}, ValueError, "app_label.codename"),
+        ({"event": "x", "topic": ""}, ValueError, "topic must be"),
+        ({"event": "x", "data": {"f": object()}, "everyone": True}, TypeError, "JSON-serialisable"),
+    ],
+)
+def test_publish_rejects_bad_arguments(kwargs, error, match):
+    """Each bad argument raises a clear error and writes nothing."""
+    with pytest.raises(error, match=match):
+        publish(**kwargs)
+    assert not Event.objects.exists()
+
+
+@pytest.mark.django_db
+def test_data_size_cap():
+    """Data over MAX_DATA_SIZE is refused with the limit in the message; under it is stored."""
+    with override_settings(REALTIME={"MAX_DATA_SIZE": 1000}):
+        with pytest.raises(ValueError, match=r"limit is REALTIME\['MAX_DATA_SIZE'\] = 1000 bytes"):
+            publish("big", {"s": "x" * 1000}, everyone=True)
+        publish("small", {"s": "x" * 900}, everyone=True)
+    assert list(Event.objects.values_list("name", flat=True)) == ["small"]
+
+
+@pytest.mark.django_db
+def test_django_types_are_encoded():
+    """Dates, decimals and UUID-like values are stored as DjangoJSONEncoder strings."""
+    event = publish("typed", {"d": datetime.date(2026, 1, 2), "n": decimal.Decimal("1.50")}, everyone=True)
+    event.refresh_from_db()
+    assert event.data == {"d": "2026-01-02", "n": "1.50"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_position_is_assigned_at_commit_only():
+    """Inside the transaction the position is unset; after commit it is set and NOTIFY was sent."""
+    user = make_user("alice")
+    with connection.cursor() as cursor:
+        cursor.execute("LISTEN realtime")
+    with transaction.atomic():
+        event = publish("x", {}, users=[user])
+        event.refresh_from_db()
+        assert event.position is None
+    event.refresh_from_db()
+    assert event.position is not None
+    notifies = list(connection.connection.notifies(timeout=WAIT, stop_after=1))
+    assert [n.channel for n in notifies] == ["realtime"]
+    assert notifies[0].payload == ""  # a wake-up, never the event
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cursor_reader_never_skips_an_event_under_concurrent_commits():
+    """A reader that only asks for positions above its cursor, while 4 threads commit, sees every event."""
+    user = make_user("alice")
+    writers_done = threading.Event()
+    seen: list[int] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(50):
+                with transaction.atomic():
+                    publish("n", {"n": n, "i": i}, users=[user])
+                    # Hold the transaction open a moment so commits interleave out of id order.
+                    with connection.cursor() as cursor:
+                        cursor.execute("SELECT pg_sleep(0.001 * %s)", [i % 3])
+        finally:
+            connection.close()
+
+    def reader() -> None:
+        cursor_position = 0
+        try:
+            while True:
+                done = writers_done.is_set()
+                with connection.cursor() as cursor:
+                    cursor.execute(
+                        "SELECT position FROM realtime_event WHERE position > %s ORDER BY position",
+                        [cursor_position],
+                    )
+                    rows = [row[0] for row in cursor.fetchall()]
+                if rows:
+                    seen.extend(rows)
+                    cursor_position = rows[-1]
+                if done:
+                    return
+        finally:
+            connection.close()
+
+    reading = threading.Thread(target=reader)
+    reading.start()
+    writers = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join(WAIT * 6)
+    writers_done.set()
+    reading.join(WAIT)
+    committed = list(Event.objects.order_by("position").values_list("position", flat=True))
+    assert len(committed) == 200
+    assert seen == committed  # nothing skipped, nothing twice, in order
