@@ -34,7 +34,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_database_url() -> str:
+def database_url_for_tests() -> str:
     """A libpq string for the test database pytest-django created."""
     db = connection.settings_dict
     params = {
@@ -82,7 +82,7 @@ def start_worker(extra_env: dict[str, str] | None = None, args: tuple[str, ...] 
     """Start ``manage.py runwebsockets`` on a free port against the test database; wait until ready."""
     port = free_port()
     fd, log_name = tempfile.mkstemp(prefix="realtime-worker-", suffix=".log")
-    env = {**os.environ, "DATABASE_URL": test_database_url(), "REALTIME_LOG_LEVEL": "DEBUG", **(extra_env or {})}
+    env = {**os.environ, "DATABASE_URL": database_url_for_tests(), "REALTIME_LOG_LEVEL": "DEBUG", **(extra_env or {})}
     with os.fdopen(fd, "wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "manage.py", "runwebsockets", f"127.0.0.1:{port}", *args],

@@ -1,0 +1,86 @@
+"""Management commands and system checks: clear errors, never tracebacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.test import override_settings
+
+from realtime.checks import check_settings
+from realtime.management.commands.runwebsockets import parse_addrport
+from tests.conftest import BASE_DIR, database_url_for_tests
+
+
+def manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=BASE_DIR,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_e001_when_database_is_not_postgresql():
+    """manage.py check reports realtime.E001 with a hint on a non-PostgreSQL database."""
+    result = manage("check", DJANGO_SETTINGS_MODULE="tests.settings_sqlite")
+    assert result.returncode == 1
+    assert "realtime.E001" in result.stderr
+    assert "needs PostgreSQL, but the default database is sqlite" in result.stderr
+    assert "HINT: Set DATABASES['default']['ENGINE']" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_passes_on_postgresql():
+    """The project's own configuration passes every check."""
+    result = manage("check")
+    assert result.returncode == 0, result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_e002_for_bad_settings():
+    """Unknown keys and wrong types in REALTIME are reported, with the defaults kept meanwhile."""
+    with override_settings(REALTIME={"TOKEN_MAX_AGE": "60", "NOPE": 1, "AUTH_TIMEOUT": 0}):
+        messages = [m.msg for m in check_settings()]
+    assert messages == [
+        "Unknown REALTIME setting 'NOPE'.",
+        "REALTIME['TOKEN_MAX_AGE'] must be a positive integer, not '60'.",
+        "REALTIME['AUTH_TIMEOUT'] must be a positive number of seconds, not 0.",
+    ]
+    assert check_settings() == []  # override undone, settings reloaded
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("8765", ("127.0.0.1", 8765)), ("0.0.0.0:9000", ("0.0.0.0", 9000)), ("[::1]:8765", ("::1", 8765))],
+)
+def test_addrport_forms(value, expected):
+    """runwebsockets takes port, host:port and [ipv6]:port."""
+    assert parse_addrport(value) == expected
+
+
+@pytest.mark.parametrize("value", ["localhost:", "::1:8765", "host:99999", "abc"])
+def test_bad_addrport_is_a_command_error(value):
+    """A bad address is a CommandError naming the value."""
+    with pytest.raises(CommandError, match=r"valid address:port|out of range"):
+        call_command("runwebsockets", value)
+
+
+@pytest.mark.django_db
+def test_runwebsockets_reports_a_busy_port():
+    """A port already in use is a one-line error, not a traceback."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = manage("runwebsockets", f"127.0.0.1:{port}", DATABASE_URL=database_url_for_tests())
+    assert result.returncode == 1
+    assert f"CommandError: Cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
