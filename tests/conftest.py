@@ -78,9 +78,11 @@ class WorkerProcess:
         return self.process.returncode
 
 
-def start_worker(extra_env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> WorkerProcess:
+def start_worker(
+    extra_env: dict[str, str] | None = None, args: tuple[str, ...] = (), port: int | None = None
+) -> WorkerProcess:
     """Start ``manage.py runwebsockets`` on a free port against the test database; wait until ready."""
-    port = free_port()
+    port = port or free_port()
     fd, log_name = tempfile.mkstemp(prefix="realtime-worker-", suffix=".log")
     env = {**os.environ, "DATABASE_URL": database_url_for_tests(), "REALTIME_LOG_LEVEL": "DEBUG", **(extra_env or {})}
     with os.fdopen(fd, "wb") as log_file:
