@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from typing import Any
 
+from django.db import DatabaseError
 from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
@@ -124,7 +125,13 @@ class Worker:
             logger.info("%s closed %d: %s", remote, exc.close_code, exc.message)
             await ws.close(exc.close_code or CloseCode.POLICY_VIOLATION, exc.message)
             return
-        identity = await run_sync(tokens.verify, auth.token)
+        try:
+            identity = await run_sync(tokens.verify, auth.token)
+        except DatabaseError as exc:
+            self.metrics.authentications.labels("unavailable").inc()
+            logger.warning("%s closed 1013: cannot verify the token, database unavailable: %s", remote, exc)
+            await ws.close(CloseCode.TRY_AGAIN_LATER, "database unavailable, try again")
+            return
         if identity is None:
             self.metrics.authentications.labels("refused").inc()
             logger.info("%s closed 4401: authentication failed", remote)
@@ -147,7 +154,12 @@ class Worker:
             for topic in auth.topics:
                 await ws.send(protocol.encode_subscribed(topic, topic in client.topics))
             if auth.last_id is not None and auth.last_id < start:
-                await self._replay(client, auth.last_id, start)
+                try:
+                    await self._replay(client, auth.last_id, start)
+                except DatabaseError as exc:
+                    logger.warning("%s closed 1013: replay failed, database unavailable: %s", remote, exc)
+                    await ws.close(CloseCode.TRY_AGAIN_LATER, "database unavailable, try again")
+                    return
             while client.pending:
                 await ws.send(client.pending.popleft()[1])
             client.pending = None

@@ -262,3 +262,25 @@ def test_health_ready_and_metrics(worker):
     assert "realtime_events_routed_total 1.0" in text
     assert 'realtime_authentications_total{outcome="accepted"} 1.0' in text
     ws.close()
+
+
+def test_sigterm_closes_clients_with_1001_and_exits_cleanly(worker):
+    """SIGTERM closes every connection with 1001 (going away) and the process exits 0."""
+    alice = make_user("alice")
+    ws, _ = open_ws(worker, get_token(logged_in(alice)))
+    assert worker.stop() == 0
+    assert closed_code(ws) == 1001
+    assert "Traceback" not in worker.log()
+
+
+def test_listener_uses_its_own_named_connection(worker):
+    """The listener's connection is visible in pg_stat_activity as realtime-listener, LISTENing."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'realtime-listener' AND datname = %s",
+            [connection.settings_dict["NAME"]],
+        )
+        (count,) = cursor.fetchone()
+    assert count == 2  # one LISTENs, one reads rows
