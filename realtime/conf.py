@@ -36,6 +36,11 @@ DEFAULTS: dict[str, Any] = {
     # Topic policy: fnmatch pattern -> permission required to subscribe
     # ("app_label.codename"), or None for any authenticated user.
     "TOPICS": {"*": None},
+    # Events are kept this many seconds for resume; older ones are pruned and
+    # a client whose cursor is older receives {"type": "reset"}.
+    "RETENTION": 24 * 3600,
+    # Each worker prunes expired events about this often, in seconds.
+    "PRUNE_INTERVAL": 60.0,
     # Keepalive pings from the server, in seconds (None disables them).
     "PING_INTERVAL": 20.0,
     "PING_TIMEOUT": 20.0,
@@ -43,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 _POSITIVE_INTS = (
+    "RETENTION",
     "WS_PORT",
     "TOKEN_MAX_AGE",
     "MAX_DATA_SIZE",
@@ -51,7 +57,7 @@ _POSITIVE_INTS = (
     "BATCH_SIZE",
     "THREADS",
 )
-_SECONDS = ("AUTH_TIMEOUT", "PING_INTERVAL", "PING_TIMEOUT")
+_SECONDS = ("AUTH_TIMEOUT", "PING_INTERVAL", "PING_TIMEOUT", "PRUNE_INTERVAL")
 
 
 class Settings:
@@ -81,7 +87,7 @@ class Settings:
                 values[key] = DEFAULTS[key]
         for key in _SECONDS:
             value = values[key]
-            if value is None and key != "AUTH_TIMEOUT":
+            if value is None and key in ("PING_INTERVAL", "PING_TIMEOUT"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 self.errors.append(f"REALTIME[{key!r}] must be a positive number of seconds, not {value!r}.")

@@ -34,6 +34,7 @@ class Event(models.Model):
 
     class Meta:
         db_table = "realtime_event"
+        indexes = [models.Index(fields=["created_at"], name="realtime_event_created_idx")]
 
     def __str__(self) -> str:
         return f"{self.name} #{self.position or 'uncommitted'}"
@@ -49,3 +50,12 @@ class Ticket(models.Model):
 
     class Meta:
         db_table = "realtime_ticket"
+
+
+class RetentionHorizon(models.Model):
+    """The highest position pruned so far (one row): older cursors get ``reset``."""
+
+    position = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "realtime_retention_horizon"

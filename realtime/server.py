@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from realtime import protocol, tokens
+from realtime import protocol, retention, tokens
 from realtime.conf import settings
 from realtime.db import OutboxEvent, listener_conninfo, read_events, run_sync
 from realtime.listener import Listener
@@ -59,6 +60,7 @@ class Worker:
         # The default executor has min(32, cpus + 4) threads: too few for a burst of logins.
         loop.set_default_executor(ThreadPoolExecutor(settings.THREADS, thread_name_prefix="realtime-db"))
         listener_task = asyncio.create_task(self.listener.run(), name="realtime-listener")
+        pruner_task = asyncio.create_task(self._prune_forever(), name="realtime-pruner")
         try:
             async with serve(
                 self.handler,
@@ -75,9 +77,23 @@ class Worker:
                 await stop
                 logger.info("shutting down: closing %d connection(s) with 1001", len(self.registry))
         finally:
-            listener_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener_task
+            for task in (listener_task, pruner_task):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _prune_forever(self) -> None:
+        """Prune expired events now and then; several workers doing so is harmless."""
+        while True:
+            # Jitter keeps the workers of a deployment from pruning in step.
+            await asyncio.sleep(settings.PRUNE_INTERVAL * random.uniform(0.5, 1.5))
+            try:
+                deleted = await run_sync(retention.prune, settings.RETENTION)
+            except DatabaseError as exc:
+                logger.warning("pruning failed, will retry: %s", exc)
+                continue
+            if deleted:
+                logger.info("pruned %d event(s) older than %ss", deleted, settings.RETENTION)
 
     # HTTP on the websocket port.
 
@@ -145,7 +161,7 @@ class Worker:
         # Register before reading the replay: live events from here on queue
         # in client.pending, the replay covers (last_id, start].
         start = self.listener.cursor or 0
-        client.cursor = max(start, auth.last_id or 0)
+        client.cursor = start
         self.registry.add(client)
         self.metrics.connections.inc()
         logger.info("%s authenticated as user %d (%s)", remote, identity.user_id, identity.username)
@@ -153,15 +169,19 @@ class Worker:
             await ws.send(protocol.encode_welcome(identity.user_id, identity.username, start))
             for topic in auth.topics:
                 await ws.send(protocol.encode_subscribed(topic, topic in client.topics))
-            if auth.last_id is not None and auth.last_id < start:
+            seen_upto = 0
+            if auth.last_id is not None and auth.last_id != start:
                 try:
-                    await self._replay(client, auth.last_id, start)
+                    seen_upto = await self._resume(client, auth.last_id, start)
                 except DatabaseError as exc:
                     logger.warning("%s closed 1013: replay failed, database unavailable: %s", remote, exc)
                     await ws.close(CloseCode.TRY_AGAIN_LATER, "database unavailable, try again")
                     return
             while client.pending:
-                await ws.send(client.pending.popleft()[1])
+                position, message = client.pending.popleft()
+                if position > seen_upto:
+                    await ws.send(message)
+            client.cursor = max(client.cursor, seen_upto)
             client.pending = None
             client.state = State.LIVE
             async for message in ws:
@@ -175,15 +195,37 @@ class Worker:
             close_code = ws.close_code if ws.close_code is not None else "-"
             logger.info("%s user %d disconnected (%s)", remote, identity.user_id, close_code)
 
-    async def _replay(self, client: Client, after: int, upto: int) -> None:
-        while after < upto:
-            events = await run_sync(read_events, after, upto, settings.BATCH_SIZE)
-            if not events:
-                return
-            for event in events:
-                if matches(client.identity, client.topics, event.audience):
-                    await client.ws.send(_encode(event))
-            after = events[-1].position
+    async def _resume(self, client: Client, last_id: int, start: int) -> int:
+        """Send what ``client`` missed after ``last_id``, or ``reset`` if that cannot be known.
+
+        Returns the position up to which the client already has every event
+        (its ``last_id`` when it is ahead of this worker), else 0.
+        """
+        if last_id < start:
+            if last_id < await run_sync(retention.horizon):
+                # Events after last_id may have been pruned: replay cannot be exact.
+                await self._reset(client, start, "cursor older than retention")
+                return 0
+            after = last_id
+            while after < start:
+                events = await run_sync(read_events, after, start, settings.BATCH_SIZE)
+                if not events:
+                    break
+                for event in events:
+                    if matches(client.identity, client.topics, event.audience):
+                        await client.ws.send(_encode(event))
+                after = events[-1].position
+            return 0
+        if last_id > await run_sync(_newest_known_position):
+            # A cursor from the future (e.g. another database): start afresh.
+            await self._reset(client, start, "cursor unknown to this database")
+            return 0
+        return last_id  # ahead of this worker: another worker sent up to last_id
+
+    async def _reset(self, client: Client, start: int, reason: str) -> None:
+        logger.info("%s user %d: reset (%s)", client.remote, client.identity.user_id, reason)
+        # Live events after ``start`` are queued in client.pending and follow.
+        await client.ws.send(protocol.encode_reset(start))
 
     async def _on_message(self, client: Client, message: str | bytes) -> None:
         ws = client.ws
@@ -274,6 +316,10 @@ class Worker:
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _newest_known_position() -> int:
+    return max(retention.newest_position(), retention.horizon())
 
 
 def _encode(event: OutboxEvent) -> str:

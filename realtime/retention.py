@@ -1,0 +1,64 @@
+"""Retention: prune outbox rows older than ``REALTIME["RETENTION"]``.
+
+Pruning deletes committed rows in small batches (``FOR UPDATE SKIP LOCKED``,
+one short transaction each), so publishers and other workers pruning at the
+same time never wait on it. Each batch raises the retention horizon, the
+highest position pruned, in the same transaction: a client whose cursor is
+below the horizon may have missed pruned events and receives ``reset``.
+"""
+
+from __future__ import annotations
+
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.utils import timezone
+
+__all__ = ["horizon", "newest_position", "prune"]
+
+
+def prune(retention_seconds: int, *, batch_size: int = 5000, using: str = DEFAULT_DB_ALIAS) -> int:
+    """Delete events older than ``retention_seconds`` and expired tickets; return the events deleted (sync)."""
+    cutoff = timezone.now() - timezone.timedelta(seconds=retention_seconds)
+    deleted = 0
+    while True:
+        with transaction.atomic(using=using), connections[using].cursor() as cursor:
+            cursor.execute(
+                """
+                WITH doomed AS (
+                    SELECT id FROM realtime_event
+                    WHERE created_at < %s AND position IS NOT NULL
+                    ORDER BY position LIMIT %s FOR UPDATE SKIP LOCKED
+                ), gone AS (
+                    DELETE FROM realtime_event e USING doomed WHERE e.id = doomed.id RETURNING e.position
+                )
+                SELECT count(*), max(position) FROM gone
+                """,
+                [cutoff, batch_size],
+            )
+            count, highest = cursor.fetchone()
+            if highest is not None:
+                cursor.execute(
+                    "INSERT INTO realtime_retention_horizon (id, position) VALUES (1, %s) "
+                    "ON CONFLICT (id) DO UPDATE SET position = greatest(realtime_retention_horizon.position, "
+                    "EXCLUDED.position)",
+                    [highest],
+                )
+        deleted += count
+        if count < batch_size:
+            break
+    with connections[using].cursor() as cursor:
+        cursor.execute("DELETE FROM realtime_ticket WHERE expires_at < now()")
+    return deleted
+
+
+def horizon(using: str = DEFAULT_DB_ALIAS) -> int:
+    """Return the highest pruned position (0 if nothing was pruned) (sync)."""
+    with connections[using].cursor() as cursor:
+        cursor.execute("SELECT coalesce(max(position), 0) FROM realtime_retention_horizon")
+        return int(cursor.fetchone()[0])
+
+
+def newest_position(using: str = DEFAULT_DB_ALIAS) -> int:
+    """Return the highest committed position (0 if none) (sync)."""
+    with connections[using].cursor() as cursor:
+        cursor.execute("SELECT coalesce(max(position), 0) FROM realtime_event")
+        return int(cursor.fetchone()[0])
