@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import signal
 import time
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,15 +42,25 @@ from realtime.protocol import CloseCode, State
 from realtime.registry import Client, Registry, matches
 from realtime.topics import can_subscribe
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "wait_for_stop_signal"]
 
 logger = logging.getLogger("realtime.server")
+
+
+def wait_for_stop_signal() -> asyncio.Future[None]:
+    """Return a future that completes on the first SIGINT or SIGTERM (call inside the loop)."""
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[None] = loop.create_future()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
+    return stop
 
 
 class Worker:
     """One websocket worker process: listener, registry and server."""
 
-    def __init__(self, *, conninfo: str | None = None) -> None:
+    def __init__(self, *, conninfo: str | None = None, name: str = "worker") -> None:
+        self.name = name
         self.registry = Registry()
         self.metrics = Metrics()
         self.listener = Listener(conninfo or listener_conninfo(), self.deliver, settings.BATCH_SIZE)
@@ -73,7 +85,9 @@ class Worker:
                 **serve_kwargs,
             ) as server:
                 for sock in server.sockets:
-                    logger.info("websocket worker listening on %s", _format_address(sock.getsockname()))
+                    logger.info(
+                        "%s (pid %d) listening on %s", self.name, os.getpid(), _format_address(sock.getsockname())
+                    )
                 await stop
                 logger.info("shutting down: closing %d connection(s) with 1001", len(self.registry))
         finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-import signal
+import socket
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -12,7 +12,8 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.migrations.executor import MigrationExecutor
 from django.db.utils import OperationalError
 
-from realtime.server import Worker
+from realtime.server import Worker, wait_for_stop_signal
+from realtime.supervisor import run_workers
 
 DEFAULT_ADDRPORT = "127.0.0.1:8765"
 ADDRPORT = re.compile(r"^(?:(?P<host>\[[0-9a-fA-F:.]+\]|[^:\[\]]+):)?(?P<port>\d+)$")
@@ -35,22 +36,36 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("addrport", nargs="?", default=DEFAULT_ADDRPORT, help="Address and port to listen on.")
+        parser.add_argument(
+            "--workers",
+            type=int,
+            default=1,
+            help="Number of worker processes sharing the port with SO_REUSEPORT (default 1).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         host, port = parse_addrport(options["addrport"])
+        workers = options["workers"]
+        if workers < 1:
+            raise CommandError("--workers must be at least 1.")
+        if workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
+            raise CommandError("--workers needs SO_REUSEPORT, which this platform lacks; run one worker per port.")
         self._check_database()
-        self.stdout.write(f"Realtime websocket worker on ws://{_url_host(host)}:{port}/ (Ctrl-C to stop)")
+        self.stdout.write(
+            f"Realtime websocket {'worker' if workers == 1 else f'{workers} workers'} on "
+            f"ws://{_url_host(host)}:{port}/ (Ctrl-C to stop)"
+        )
+        if workers > 1:
+            if run_workers(host, port, workers) != 0:
+                raise CommandError("A worker failed to start; see the log above.")
+            return
         try:
             asyncio.run(self._main(host, port))
         except OSError as exc:
             raise CommandError(f"Cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
     async def _main(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
-        stop = loop.create_future()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
-        await Worker().run(host, port, stop)
+        await Worker().run(host, port, wait_for_stop_signal())
 
     def _check_database(self) -> None:
         connection = connections[DEFAULT_DB_ALIAS]
