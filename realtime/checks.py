@@ -40,14 +40,14 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
 
 @checks.register()
 def check_session_engine(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """realtime.W001: tokens are bound to server-side sessions."""
+    """realtime.E003: tokens are bound to server-side sessions."""
     if django_settings.SESSION_ENGINE == "django.contrib.sessions.backends.signed_cookies":
         return [
-            checks.Warning(
-                "Realtime tokens are bound to server-side sessions, but SESSION_ENGINE "
-                "stores sessions in signed cookies: logout cannot revoke websocket access.",
+            checks.Error(
+                "Realtime tokens are bound to server-side sessions, but SESSION_ENGINE stores "
+                "sessions in signed cookies: the websocket worker cannot verify them.",
                 hint="Use the db, cache or cached_db session engine.",
-                id="realtime.W001",
+                id="realtime.E003",
             )
         ]
     return []

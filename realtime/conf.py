@@ -27,6 +27,9 @@ DEFAULTS: dict[str, Any] = {
     "AUTH_TIMEOUT": 10.0,
     # Largest inbound message from a client, in bytes (bigger: close 1009).
     "MAX_MESSAGE_SIZE": 64 * 1024,
+    # A client whose unsent data passes this many bytes is too slow: it is
+    # closed with 1013 so that it cannot hold memory or slow anyone else.
+    "MAX_BUFFER": 4 * 1024 * 1024,
     # Events a reconnecting client may have queued while its replay runs.
     "MAX_PENDING": 10_000,
     # Events read from the outbox per query (live and replay).
@@ -54,6 +57,7 @@ _POSITIVE_INTS = (
     "MAX_DATA_SIZE",
     "MAX_MESSAGE_SIZE",
     "MAX_PENDING",
+    "MAX_BUFFER",
     "BATCH_SIZE",
     "THREADS",
 )

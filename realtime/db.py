@@ -14,7 +14,7 @@ import asyncio
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
 from django.db import DEFAULT_DB_ALIAS, close_old_connections, connections
@@ -51,7 +51,8 @@ class OutboxEvent:
 
 def row_to_event(row: tuple[Any, ...]) -> OutboxEvent:
     position, name, topic, data_json, created_at, users, groups, permissions, staff, everyone, staff_only, control = row
-    at = created_at.isoformat() if isinstance(created_at, datetime) else str(created_at)
+    # In UTC whichever connection read it (the listener's uses the server's time zone).
+    at = created_at.astimezone(UTC).isoformat() if isinstance(created_at, datetime) else str(created_at)
     return OutboxEvent(
         position=position,
         name=name,

@@ -13,7 +13,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.connections = Gauge("realtime_connections", "Open authenticated connections.", registry=r)
+        self.connections = Gauge("realtime_connections", "Authenticated connections receiving events.", registry=r)
         self.authentications = Counter(
             "realtime_authentications", "Authentication attempts by outcome.", ["outcome"], registry=r
         )

@@ -204,5 +204,9 @@ def encode_subscribed(topic: str, subscribed: bool) -> str:
     return _dumps({"type": "subscribed" if subscribed else "unsubscribed", "topic": topic})
 
 
-def encode_error(code: str, message: str) -> str:
-    return _dumps({"type": "error", "code": code, "message": message})
+def encode_error(code: str, message: str, topic: str | None = None) -> str:
+    """An error that keeps the connection open; ``topic`` names a refused subscription."""
+    error = {"type": "error", "code": code, "message": message}
+    if topic is not None:
+        error["topic"] = topic
+    return _dumps(error)

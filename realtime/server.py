@@ -64,6 +64,8 @@ class Worker:
         self.registry = Registry()
         self.metrics = Metrics()
         self.listener = Listener(conninfo or listener_conninfo(), self.deliver, settings.BATCH_SIZE)
+        self.metrics.listener_up.set_function(lambda: 1 if self.listener.ready else 0)
+        self.metrics.connections.set_function(lambda: len(self.registry))
         self._background: set[asyncio.Task[Any]] = set()
 
     async def run(self, host: str | None, port: int | None, stop: Awaitable[Any], **serve_kwargs: Any) -> None:
@@ -116,12 +118,10 @@ class Worker:
         if path == "/healthz":
             return connection.respond(HTTPStatus.OK, "OK\n")
         if path == "/readyz":
-            self.metrics.listener_up.set(1 if self.listener.ready else 0)
             if self.listener.ready:
                 return connection.respond(HTTPStatus.OK, "ready\n")
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "listener not connected\n")
         if path == "/metrics":
-            self.metrics.listener_up.set(1 if self.listener.ready else 0)
             response = connection.respond(HTTPStatus.OK, "")
             response.body = self.metrics.render()
             del response.headers["Content-Type"]
@@ -177,7 +177,6 @@ class Worker:
         start = self.listener.cursor or 0
         client.cursor = start
         self.registry.add(client)
-        self.metrics.connections.inc()
         logger.info("%s authenticated as user %d (%s)", remote, identity.user_id, identity.username)
         try:
             await ws.send(protocol.encode_welcome(identity.user_id, identity.username, start))
@@ -205,7 +204,6 @@ class Worker:
         finally:
             client.state = State.CLOSED
             self.registry.remove(client)
-            self.metrics.connections.dec()
             close_code = ws.close_code if ws.close_code is not None else "-"
             logger.info("%s user %d disconnected (%s)", remote, identity.user_id, close_code)
 
@@ -282,17 +280,28 @@ class Worker:
                     continue  # the replay or another path already has it
                 client.cursor = event.position
                 if client.pending is None:
-                    live.append(client.ws)
+                    live.append(client)
                 elif len(client.pending) < settings.MAX_PENDING:
                     client.pending.append((event.position, message))
                 else:
-                    self.metrics.dropped.inc()
-                    self._spawn(client.ws.close(CloseCode.TRY_AGAIN_LATER, "too far behind"))
+                    self._drop_slow(client, "too many events queued during replay")
             if live:
-                broadcast(live, message)
+                broadcast([client.ws for client in live], message)
+                for client in live:
+                    transport = client.ws.transport
+                    if transport is not None and transport.get_write_buffer_size() > settings.MAX_BUFFER:
+                        self._drop_slow(client, "not reading fast enough")
             self.metrics.events.inc()
             self.metrics.frames.inc(len(live))
             self.metrics.lag.observe(max(0.0, now - event.created))
+
+    def _drop_slow(self, client: Client, reason: str) -> None:
+        """Close a client that cannot keep up with 1013; nobody else waits for it."""
+        logger.warning("%s user %d closed 1013: %s", client.remote, client.identity.user_id, reason)
+        self.metrics.dropped.inc()
+        client.state = State.CLOSED
+        self.registry.remove(client)
+        self._spawn(client.ws.close(CloseCode.TRY_AGAIN_LATER, "too slow"))
 
     def _control(self, event: OutboxEvent) -> None:
         import json

@@ -18,9 +18,9 @@ from typing import Any
 
 from django.contrib.admin.models import ADDITION, CHANGE, DELETION, LogEntry, LogEntryManager
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group
+from django.contrib.auth.models import Group, Permission
 from django.contrib.auth.signals import user_logged_out
-from django.db.models.signals import m2m_changed, post_save
+from django.db.models.signals import m2m_changed, post_save, pre_delete
 
 from realtime.outbox import publish_audience, publish_control
 
@@ -99,16 +99,42 @@ def _on_user_saved(sender: Any, instance: Any, created: bool, update_fields: Any
     publish_control("realtime.user_changed", {"users": [instance.pk]})
 
 
-def _on_user_m2m(sender: Any, instance: Any, action: str, pk_set: Any, **kwargs: Any) -> None:
-    if not action.startswith("post_"):
+def _on_rights_m2m(sender: Any, instance: Any, action: str, reverse: bool, pk_set: Any, **kwargs: Any) -> None:
+    """user.groups, user.user_permissions or group.permissions changed, from either side."""
+    if action not in ("post_add", "post_remove", "post_clear"):
         return
-    if isinstance(instance, Group):
-        # A group's permissions or users changed: re-check its members.
-        publish_control("realtime.user_changed", {"groups": [instance.name]})
-        if action in ("post_add", "post_remove") and sender is get_user_model().groups.through:
-            publish_control("realtime.user_changed", {"users": sorted(pk_set or ())})
-    else:
+    User = get_user_model()
+    if isinstance(instance, User):
         publish_control("realtime.user_changed", {"users": [instance.pk]})
+    elif isinstance(instance, Group):
+        if sender is User.groups.through:
+            # group.user_set.add(...): pk_set are users (None after clear: re-check the group).
+            if pk_set:
+                publish_control("realtime.user_changed", {"users": sorted(pk_set)})
+            else:
+                publish_control("realtime.user_changed", {"groups": [instance.name]})
+        else:
+            publish_control("realtime.user_changed", {"groups": [instance.name]})
+    elif isinstance(instance, Permission):
+        # permission.user_set / permission.group_set changed: pk_set are users or groups.
+        if pk_set is None:
+            # clear() from the permission side: whoever held it directly or through a group.
+            users = sorted(User.objects.filter(user_permissions=instance).values_list("pk", flat=True))
+            publish_control("realtime.user_changed", {"users": users, "all": True})
+        elif sender is User.user_permissions.through:
+            publish_control("realtime.user_changed", {"users": sorted(pk_set)})
+        else:
+            names = sorted(Group.objects.filter(pk__in=pk_set).values_list("name", flat=True))
+            publish_control("realtime.user_changed", {"groups": names})
+
+
+def _on_group_changed(sender: Any, instance: Group, created: bool = False, **kwargs: Any) -> None:
+    """A group renamed or deleted: its members' rights (and group names) changed."""
+    if created:
+        return
+    members = sorted(instance.user_set.values_list("pk", flat=True))
+    if members:
+        publish_control("realtime.user_changed", {"users": members})
 
 
 def connect() -> None:
@@ -118,6 +144,9 @@ def connect() -> None:
     _wrap_log_actions()
     user_logged_out.connect(_on_logout, dispatch_uid="realtime.logout")
     post_save.connect(_on_user_saved, sender=User, dispatch_uid="realtime.user_saved")
-    m2m_changed.connect(_on_user_m2m, sender=User.groups.through, dispatch_uid="realtime.user_groups")
-    m2m_changed.connect(_on_user_m2m, sender=User.user_permissions.through, dispatch_uid="realtime.user_perms")
-    m2m_changed.connect(_on_user_m2m, sender=Group.permissions.through, dispatch_uid="realtime.group_perms")
+    m2m_changed.connect(_on_rights_m2m, sender=User.groups.through, dispatch_uid="realtime.user_groups")
+    m2m_changed.connect(_on_rights_m2m, sender=User.user_permissions.through, dispatch_uid="realtime.user_perms")
+    m2m_changed.connect(_on_rights_m2m, sender=Group.permissions.through, dispatch_uid="realtime.group_perms")
+    post_save.connect(_on_group_changed, sender=Group, dispatch_uid="realtime.group_saved")
+    # Before the delete: afterwards the members can no longer be found.
+    pre_delete.connect(_on_group_changed, sender=Group, dispatch_uid="realtime.group_deleted")

@@ -79,10 +79,22 @@ class WorkerProcess:
 
 
 def start_worker(
-    extra_env: dict[str, str] | None = None, args: tuple[str, ...] = (), port: int | None = None
+    extra_env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+    port: int | None = None,
+    realtime: dict[str, Any] | None = None,
 ) -> WorkerProcess:
-    """Start ``manage.py runwebsockets`` on a free port against the test database; wait until ready."""
+    """Start ``manage.py runwebsockets`` on a free port against the test database; wait until ready.
+
+    ``realtime`` overrides keys of the worker's REALTIME setting.
+    """
     port = port or free_port()
+    if realtime:
+        extra_env = {
+            **(extra_env or {}),
+            "DJANGO_SETTINGS_MODULE": "tests.worker_settings",
+            "REALTIME_TEST_OVERRIDES": json.dumps(realtime),
+        }
     fd, log_name = tempfile.mkstemp(prefix="realtime-worker-", suffix=".log")
     env = {**os.environ, "DATABASE_URL": database_url_for_tests(), "REALTIME_LOG_LEVEL": "DEBUG", **(extra_env or {})}
     with os.fdopen(fd, "wb") as log_file:

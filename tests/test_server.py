@@ -284,3 +284,26 @@ def test_listener_uses_its_own_named_connection(worker):
         )
         (count,) = cursor.fetchone()
     assert count == 2  # one LISTENs, one reads rows
+
+
+def test_topic_policy_refuses_with_an_error_not_a_disconnect(transactional_db):
+    """TOPICS patterns decide who may subscribe; a refusal is an error message and the connection lives on."""
+    worker = start_worker(realtime={"TOPICS": {"staff:*": "auth.view_user", "public:*": None}})
+    try:
+        alice = make_user("alice")
+        ws, _ = open_ws(worker, get_token(logged_in(alice)), topics=["staff:1"])
+        assert receive(ws) == {"type": "unsubscribed", "topic": "staff:1"}  # refused at auth
+        for topic in ("staff:2", "elsewhere"):
+            ws.send(json.dumps({"type": "subscribe", "topic": topic}))
+            error = receive(ws)
+            assert (error["type"], error["code"], error["topic"]) == ("error", "forbidden", topic)
+            assert error["message"] == f"You may not subscribe to topic {topic!r}."
+        ws.send(json.dumps({"type": "subscribe", "topic": "public:1"}))
+        assert receive(ws) == {"type": "subscribed", "topic": "public:1"}
+        publish("news", {}, topic="staff:2")
+        publish("news", {}, topic="public:1")
+        (event,) = receive_events(ws, 1)
+        assert event["topic"] == "public:1"
+        ws.close()
+    finally:
+        worker.stop()

@@ -12,10 +12,10 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.migrations.executor import MigrationExecutor
 from django.db.utils import OperationalError
 
+from realtime.conf import settings
 from realtime.server import Worker, wait_for_stop_signal
 from realtime.supervisor import run_workers
 
-DEFAULT_ADDRPORT = "127.0.0.1:8765"
 ADDRPORT = re.compile(r"^(?:(?P<host>\[[0-9a-fA-F:.]+\]|[^:\[\]]+):)?(?P<port>\d+)$")
 
 
@@ -32,10 +32,15 @@ def parse_addrport(value: str) -> tuple[str, int]:
 
 
 class Command(BaseCommand):
-    help = "Run a realtime websocket worker (default 127.0.0.1:8765)."
+    help = "Run a realtime websocket worker (default 127.0.0.1:8765, or REALTIME['WS_PORT'])."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("addrport", nargs="?", default=DEFAULT_ADDRPORT, help="Address and port to listen on.")
+        parser.add_argument(
+            "addrport",
+            nargs="?",
+            default=None,
+            help="Address and port to listen on (default 127.0.0.1 and REALTIME['WS_PORT'], 8765).",
+        )
         parser.add_argument(
             "--workers",
             type=int,
@@ -44,7 +49,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        host, port = parse_addrport(options["addrport"])
+        host, port = parse_addrport(options["addrport"] or f"127.0.0.1:{settings.WS_PORT}")
         workers = options["workers"]
         if workers < 1:
             raise CommandError("--workers must be at least 1.")

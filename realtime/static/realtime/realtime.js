@@ -38,12 +38,14 @@ export class RealtimeClient {
   }
 
   start() {
-    if (this.state !== "stopped" && this.state !== "closed") return;
+    if (this._running) return;
+    this._running = true;
     this._stopped = false;
     this._connect();
   }
 
   stop() {
+    this._running = false;
     this._stopped = true;
     clearTimeout(this._timer);
     if (this._socket) this._socket.close(1000, "client stopped");
@@ -89,6 +91,7 @@ export class RealtimeClient {
       const response = await fetch(this.tokenUrl, { credentials: "same-origin", cache: "no-store" });
       if (response.status === 401 || response.status === 403) {
         this._emit("error", { code: "logged_out", message: "Not logged in." });
+        this._running = false;
         this._setState("stopped");
         return;
       }
@@ -113,6 +116,7 @@ export class RealtimeClient {
       if (this._stopped) return;
       if (event.code === AUTH_FAILED) {
         this._emit("error", { code: "auth_failed", message: event.reason || "Authentication failed." });
+        this._running = false;
         this._setState("stopped");
         return;
       }
@@ -141,7 +145,12 @@ export class RealtimeClient {
         this.lastId = message.last_id;
         this._emit("reset", message);
         break;
+      case "unsubscribed":
+        // Also the answer to a topic the server refused in the auth message.
+        this.topics.delete(message.topic);
+        break;
       case "error":
+        if (message.code === "forbidden" && message.topic) this.topics.delete(message.topic);
         this._emit("error", message);
         break;
     }
@@ -150,7 +159,8 @@ export class RealtimeClient {
   _retry() {
     this._setState("closed");
     if (this._stopped) return;
-    // Exponential backoff with full jitter, so a restarted server is not stampeded.
+    // Exponential backoff, jittered between half and all of the delay, so a restarted
+    // server is not stampeded by every page at once.
     const ceiling = Math.min(this.maxDelay, this.minDelay * 2 ** this._attempt);
     this._attempt += 1;
     const delay = ceiling / 2 + Math.random() * (ceiling / 2);
