@@ -256,7 +256,8 @@ class Worker:
                 self.registry.subscribe(client, parsed.topic)
                 await ws.send(protocol.encode_subscribed(parsed.topic, True))
             else:
-                await ws.send(protocol.encode_error("forbidden", f"You may not subscribe to topic {parsed.topic!r}."))
+                message = f"You may not subscribe to topic {parsed.topic!r}."
+                await ws.send(protocol.encode_error("forbidden", message, topic=parsed.topic))
         elif isinstance(parsed, protocol.Unsubscribe):
             self.registry.unsubscribe(client, parsed.topic)
             await ws.send(protocol.encode_subscribed(parsed.topic, False))
