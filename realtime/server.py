@@ -256,8 +256,8 @@ class Worker:
                 self.registry.subscribe(client, parsed.topic)
                 await ws.send(protocol.encode_subscribed(parsed.topic, True))
             else:
-                message = f"You may not subscribe to topic {parsed.topic!r}."
-                await ws.send(protocol.encode_error("forbidden", message, topic=parsed.topic))
+                refusal = f"You may not subscribe to topic {parsed.topic!r}."
+                await ws.send(protocol.encode_error("forbidden", refusal, topic=parsed.topic))
         elif isinstance(parsed, protocol.Unsubscribe):
             self.registry.unsubscribe(client, parsed.topic)
             await ws.send(protocol.encode_subscribed(parsed.topic, False))
