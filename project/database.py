@@ -64,6 +64,9 @@ def database_settings(base_dir: Path) -> dict[str, Any]:
         else:
             config["OPTIONS"][key] = value
     config.setdefault("NAME", "postgres")
+    if os.environ.get("DJANGO_TEST_DB_NAME"):
+        # Two test runs on one server need two test databases.
+        config["TEST"] = {"NAME": os.environ["DJANGO_TEST_DB_NAME"]}
     # Reuse connections in the websocket worker's thread pool and in Django.
     config["CONN_MAX_AGE"] = 60
     config["CONN_HEALTH_CHECKS"] = True

@@ -48,6 +48,9 @@ class RealtimeClient:
         last_id: resume after this event id (None: only new events).
         topics: topics to subscribe to with each authentication.
         min_delay, max_delay: bounds of the reconnection backoff, in seconds.
+        origin: the ``Origin`` header to send. The worker refuses a missing
+            Origin unless ``None`` is in ``REALTIME["ALLOWED_ORIGINS"]``; send
+            your site's origin, e.g. ``https://example.com``.
     """
 
     def __init__(
@@ -59,8 +62,10 @@ class RealtimeClient:
         topics: Iterable[str] = (),
         min_delay: float = 0.05,
         max_delay: float = 5.0,
+        origin: str | None = None,
     ) -> None:
         self.url = url
+        self.origin = origin
         self.get_token = get_token
         self.last_id = last_id
         self.topics = list(topics)
@@ -145,7 +150,7 @@ class RealtimeClient:
         self._attempt += 1
         try:
             token = self.get_token()
-            ws = connect(self.url, open_timeout=5, max_size=None, legacy=True)
+            ws = connect(self.url, open_timeout=5, max_size=None, legacy=True, origin=self.origin)
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             if isinstance(exc, InvalidURI):
                 raise

@@ -7,6 +7,7 @@ case). It is reloaded when Django's ``setting_changed`` signal fires, so
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from django.conf import settings as django_settings
@@ -44,9 +45,37 @@ DEFAULTS: dict[str, Any] = {
     "RETENTION": 24 * 3600,
     # Each worker prunes expired events about this often, in seconds.
     "PRUNE_INTERVAL": 60.0,
-    # Keepalive pings from the server, in seconds (None disables them).
-    "PING_INTERVAL": 20.0,
-    "PING_TIMEOUT": 20.0,
+    # Keepalive pings from the server, in seconds (None disables them), and the
+    # wait for the closing handshake: a half-open connection is gone within
+    # PING_INTERVAL + PING_TIMEOUT + CLOSE_TIMEOUT (30 s by default).
+    "PING_INTERVAL": 10.0,
+    "PING_TIMEOUT": 15.0,
+    "CLOSE_TIMEOUT": 5.0,
+    # Origins allowed to open a websocket. None derives them from ALLOWED_HOSTS
+    # and CSRF_TRUSTED_ORIGINS; otherwise a list of exact origins, regular
+    # expressions (strings starting with "^"), and None to accept clients that
+    # send no Origin (scripts, not browsers).
+    "ALLOWED_ORIGINS": None,
+    # Messages a client may send after authenticating: bursts of MESSAGE_BURST,
+    # MESSAGES_PER_MINUTE sustained. Faster: closed with 1008.
+    "MESSAGE_BURST": 20,
+    "MESSAGES_PER_MINUTE": 100,
+    # Connections per user per worker, and per worker in all (more: 1013 / HTTP 503).
+    "MAX_CONNECTIONS_PER_USER": 20,
+    "MAX_CONNECTIONS": 50_000,
+    # Open connections are re-checked against their session this often (s):
+    # a session deleted by any means closes its sockets with 4401.
+    "REVALIDATE_INTERVAL": 60.0,
+    # Addresses (or networks) of reverse proxies whose X-Forwarded-For is believed.
+    "TRUSTED_PROXIES": [],
+    # The Server header of HTTP responses on the websocket port (None: no header).
+    "SERVER_HEADER": "realtime",
+    # Each worker writes its heartbeat and its connections' presence this
+    # often, in seconds; a worker silent for 3 intervals + 2 s counts as dead.
+    "PRESENCE_INTERVAL": 2.0,
+    # Topics (fnmatch patterns) whose subscribers receive presence.join and
+    # presence.leave events when a user's first / last connection comes and goes.
+    "PRESENCE_TOPICS": [],
 }
 
 
@@ -61,7 +90,14 @@ _POSITIVE_INTS = (
     "BATCH_SIZE",
     "THREADS",
 )
-_SECONDS = ("AUTH_TIMEOUT", "PING_INTERVAL", "PING_TIMEOUT", "PRUNE_INTERVAL")
+_SECONDS = (
+    "AUTH_TIMEOUT",
+    "PING_INTERVAL",
+    "PING_TIMEOUT",
+    "PRUNE_INTERVAL",
+    "REVALIDATE_INTERVAL",
+    "PRESENCE_INTERVAL",
+)
 
 
 class Settings:
@@ -96,6 +132,30 @@ class Settings:
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 self.errors.append(f"REALTIME[{key!r}] must be a positive number of seconds, not {value!r}.")
                 values[key] = DEFAULTS[key]
+        origins = values["ALLOWED_ORIGINS"]
+        if origins is not None and (
+            not isinstance(origins, list | tuple) or not all(o is None or isinstance(o, str) for o in origins)
+        ):
+            self.errors.append("REALTIME['ALLOWED_ORIGINS'] must be None or a list of origins (str) and None.")
+            values["ALLOWED_ORIGINS"] = DEFAULTS["ALLOWED_ORIGINS"]
+        proxies = values["TRUSTED_PROXIES"]
+        try:
+            for proxy in proxies:
+                ipaddress.ip_network(proxy, strict=False)
+        except (TypeError, ValueError):
+            self.errors.append(
+                f"REALTIME['TRUSTED_PROXIES'] must be a list of IP addresses or networks, not {proxies!r}."
+            )
+            values["TRUSTED_PROXIES"] = []
+        if values["SERVER_HEADER"] is not None and not isinstance(values["SERVER_HEADER"], str):
+            self.errors.append("REALTIME['SERVER_HEADER'] must be a string or None.")
+            values["SERVER_HEADER"] = DEFAULTS["SERVER_HEADER"]
+        patterns = values["PRESENCE_TOPICS"]
+        if not isinstance(patterns, list | tuple) or not all(isinstance(p, str) and p for p in patterns):
+            self.errors.append(
+                f"REALTIME['PRESENCE_TOPICS'] must be a list of topic patterns (non-empty str), not {patterns!r}."
+            )
+            values["PRESENCE_TOPICS"] = DEFAULTS["PRESENCE_TOPICS"]
         if not isinstance(values["TOPICS"], dict):
             self.errors.append("REALTIME['TOPICS'] must be a dict of pattern -> permission or None.")
             values["TOPICS"] = DEFAULTS["TOPICS"]

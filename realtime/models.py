@@ -1,10 +1,13 @@
-"""Database tables: the event outbox and the connection tickets.
+"""Database tables: the event outbox, the connection tickets and presence.
 
 ``Event.position`` is the commit-ordered cursor that clients see as the event
 ``id``. It is NULL while the publishing transaction is open; a deferred
 constraint trigger (see migration 0001) assigns it at commit time under a
 transaction-scoped advisory lock, so positions increase in commit order and a
 reader that sees position P also sees every position below P.
+
+The presence tables (see realtime.presence) say who is connected to which
+worker: a worker's rows are live while its lease (``expires_at``) lasts.
 """
 
 from django.contrib.postgres.fields import ArrayField
@@ -59,3 +62,59 @@ class RetentionHorizon(models.Model):
 
     class Meta:
         db_table = "realtime_retention_horizon"
+
+
+class PresenceWorker(models.Model):
+    """A websocket worker process and its lease on its presence rows."""
+
+    # Random, generated per worker process (see realtime.presence).
+    id = models.CharField(primary_key=True, max_length=64)
+    hostname = models.CharField(max_length=255)
+    pid = models.IntegerField()
+    started_at = models.DateTimeField()
+    heartbeat_at = models.DateTimeField()
+    # Database time after which the worker counts as dead and its rows expire.
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        db_table = "realtime_presence_worker"
+        default_permissions = ()
+
+    def __str__(self) -> str:
+        return f"{self.hostname}/{self.pid}"
+
+
+class PresenceConnection(models.Model):
+    """One authenticated websocket connection, on one worker."""
+
+    # "<worker id>.<n>": unique across workers.
+    id = models.CharField(primary_key=True, max_length=100)
+    worker = models.ForeignKey(PresenceWorker, on_delete=models.CASCADE, related_name="connections")
+    user_id = models.BigIntegerField(db_index=True)
+    username = models.CharField(max_length=255)
+    client_ip = models.CharField("client IP", max_length=64)
+    connected_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "realtime_presence_connection"
+        default_permissions = ()
+        permissions = [("view_presence", "Can see who is online")]
+        verbose_name = "online connection"
+        verbose_name_plural = "online now"
+
+    def __str__(self) -> str:
+        return f"{self.username} on {self.worker_id}"
+
+
+class PresenceSubscription(models.Model):
+    """A topic that one connection is subscribed to (``user_id`` copied for per-topic queries)."""
+
+    connection = models.ForeignKey(PresenceConnection, on_delete=models.CASCADE, related_name="subscriptions")
+    user_id = models.BigIntegerField()
+    topic = models.CharField(max_length=200)
+
+    class Meta:
+        db_table = "realtime_presence_subscription"
+        default_permissions = ()
+        constraints = [models.UniqueConstraint(fields=["connection", "topic"], name="realtime_presence_sub_unique")]
+        indexes = [models.Index(fields=["topic", "user_id"], name="realtime_presence_topic_idx")]

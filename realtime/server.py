@@ -29,16 +29,19 @@ from typing import Any
 
 from django.db import DatabaseError
 from prometheus_client import CONTENT_TYPE_LATEST
-from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.asyncio.server import ServerConnection, broadcast, serve, unix_serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from realtime import protocol, retention, tokens
 from realtime.conf import settings
 from realtime.db import OutboxEvent, listener_conninfo, read_events, run_sync
+from realtime.handshake import allowed_origins, client_ip
 from realtime.listener import Listener
 from realtime.metrics import Metrics
+from realtime.presence import PresenceTracker
 from realtime.protocol import CloseCode, State
+from realtime.ratelimit import TokenBucket
 from realtime.registry import Client, Registry, matches
 from realtime.topics import can_subscribe
 
@@ -67,36 +70,83 @@ class Worker:
         self.metrics.listener_up.set_function(lambda: 1 if self.listener.ready else 0)
         self.metrics.connections.set_function(lambda: len(self.registry))
         self._background: set[asyncio.Task[Any]] = set()
+        self.presence = PresenceTracker()
+        self.server: Any = None
 
-    async def run(self, host: str | None, port: int | None, stop: Awaitable[Any], **serve_kwargs: Any) -> None:
-        """Serve on ``host:port`` until ``stop`` completes, then close clients with 1001."""
+    async def run(
+        self,
+        host: str | None,
+        port: int | None,
+        stop: Awaitable[Any],
+        *,
+        unix_path: str | None = None,
+        keep_open: float = 0.0,
+        **serve_kwargs: Any,
+    ) -> None:
+        """Serve until ``stop`` completes, then close clients with 1001.
+
+        Listens on ``host:port``, or on the Unix socket ``unix_path``. With
+        ``keep_open`` seconds, stopping first closes the listening socket only
+        (new connections are refused) and keeps serving open connections until
+        they leave or the time runs out, for rolling deploys.
+        """
         loop = asyncio.get_running_loop()
         # The default executor has min(32, cpus + 4) threads: too few for a burst of logins.
         loop.set_default_executor(ThreadPoolExecutor(settings.THREADS, thread_name_prefix="realtime-db"))
-        listener_task = asyncio.create_task(self.listener.run(), name="realtime-listener")
-        pruner_task = asyncio.create_task(self._prune_forever(), name="realtime-pruner")
+        tasks = [
+            asyncio.create_task(self.listener.run(), name="realtime-listener"),
+            asyncio.create_task(self._prune_forever(), name="realtime-pruner"),
+            asyncio.create_task(self._revalidate_forever(), name="realtime-revalidate"),
+            asyncio.create_task(self.presence.run(), name="realtime-presence"),
+        ]
+        options: dict[str, Any] = {
+            "process_request": self.process_request,
+            "origins": allowed_origins(),
+            "server_header": settings.SERVER_HEADER,
+            "max_size": settings.MAX_MESSAGE_SIZE,
+            "ping_interval": settings.PING_INTERVAL,
+            "ping_timeout": settings.PING_TIMEOUT,
+            "close_timeout": settings.CLOSE_TIMEOUT,
+            **serve_kwargs,
+        }
         try:
-            async with serve(
-                self.handler,
-                host,
-                port,
-                process_request=self.process_request,
-                max_size=settings.MAX_MESSAGE_SIZE,
-                ping_interval=settings.PING_INTERVAL,
-                ping_timeout=settings.PING_TIMEOUT,
-                **serve_kwargs,
-            ) as server:
+            if unix_path is not None:
+                server = await unix_serve(self.handler, unix_path, **options)
+            else:
+                server = await serve(self.handler, host, port, **options)
+            self.server = server
+            try:
                 for sock in server.sockets:
-                    logger.info(
-                        "%s (pid %d) listening on %s", self.name, os.getpid(), _format_address(sock.getsockname())
-                    )
+                    address = unix_path or _format_address(sock.getsockname())
+                    logger.info("%s (pid %d) listening on %s", self.name, os.getpid(), address)
                 await stop
-                logger.info("shutting down: closing %d connection(s) with 1001", len(self.registry))
+                if keep_open > 0:
+                    # Stop accepting; keep delivering to who is here until they leave.
+                    server.server.close()
+                    logger.info(
+                        "stopped accepting; keeping %d connection(s) open for up to %ss", len(self.registry), keep_open
+                    )
+                    deadline = loop.time() + keep_open
+                    while server.connections and loop.time() < deadline:
+                        await asyncio.sleep(0.1)
+                logger.info("shutting down: closing %d connection(s) with 1001", len(server.connections))
+            finally:
+                server.close()
+                await server.wait_closed()
         finally:
-            for task in (listener_task, pruner_task):
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await self.presence.close()
+
+    async def _revalidate_forever(self) -> None:
+        """Re-check every open connection's session now and then (catches any session deletion)."""
+        while True:
+            await asyncio.sleep(settings.REVALIDATE_INTERVAL * random.uniform(0.9, 1.1))
+            for client in list(self.registry.clients):
+                # One at a time: this is background hygiene, not a burst on the database.
+                await self._refresh(client)
 
     async def _prune_forever(self) -> None:
         """Prune expired events now and then; several workers doing so is harmless."""
@@ -129,6 +179,8 @@ class Worker:
             response.headers["Content-Type"] = CONTENT_TYPE_LATEST
             response.headers["Content-Length"] = str(len(response.body))
             return response
+        if self.server is not None and len(self.server.connections) >= settings.MAX_CONNECTIONS:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections, try again later\n")
         if self.listener.cursor is None:
             # Until the listener has read its first position, a welcome could
             # not say where the client stands.
@@ -138,7 +190,8 @@ class Worker:
     # The websocket handler.
 
     async def handler(self, ws: ServerConnection) -> None:
-        remote = _format_address(ws.remote_address)
+        peer = ws.remote_address[0] if isinstance(ws.remote_address, tuple) else ""
+        remote = client_ip(peer, ws.request.headers.get("X-Forwarded-For") if ws.request else None)
         try:
             first = await asyncio.wait_for(ws.recv(), settings.AUTH_TIMEOUT)
         except TimeoutError:
@@ -167,16 +220,23 @@ class Worker:
             logger.info("%s closed 4401: authentication failed", remote)
             await ws.close(CloseCode.AUTH_FAILED, "authentication failed")
             return
+        if len(self.registry.for_user(identity.user_id)) >= settings.MAX_CONNECTIONS_PER_USER:
+            self.metrics.authentications.labels("too_many").inc()
+            logger.info("%s closed 1013: user %d has too many connections", remote, identity.user_id)
+            await ws.close(CloseCode.TRY_AGAIN_LATER, "too many connections for this user")
+            return
         self.metrics.authentications.labels("accepted").inc()
         client = Client(ws, identity, remote)
         for topic in auth.topics:
             if can_subscribe(identity, topic):
                 self.registry.subscribe(client, topic)
+                self.presence.subscribed(client, topic)
         # Register before reading the replay: live events from here on queue
         # in client.pending, the replay covers (last_id, start].
         start = self.listener.cursor or 0
         client.cursor = start
         self.registry.add(client)
+        self.presence.joined(client)
         logger.info("%s authenticated as user %d (%s)", remote, identity.user_id, identity.username)
         try:
             await ws.send(protocol.encode_welcome(identity.user_id, identity.username, start))
@@ -197,13 +257,19 @@ class Worker:
             client.cursor = max(client.cursor, seen_upto)
             client.pending = None
             client.state = State.LIVE
+            bucket = TokenBucket(settings.MESSAGE_BURST, settings.MESSAGES_PER_MINUTE)
             async for message in ws:
+                if not bucket.allow():
+                    logger.info("%s user %d closed 1008: too many messages", remote, identity.user_id)
+                    await ws.close(CloseCode.POLICY_VIOLATION, "too many messages")
+                    break
                 await self._on_message(client, message)
         except ConnectionClosed:
             pass
         finally:
             client.state = State.CLOSED
             self.registry.remove(client)
+            self.presence.left(client)
             close_code = ws.close_code if ws.close_code is not None else "-"
             logger.info("%s user %d disconnected (%s)", remote, identity.user_id, close_code)
 
@@ -254,12 +320,14 @@ class Worker:
         elif isinstance(parsed, protocol.Subscribe):
             if can_subscribe(client.identity, parsed.topic):
                 self.registry.subscribe(client, parsed.topic)
+                self.presence.subscribed(client, parsed.topic)
                 await ws.send(protocol.encode_subscribed(parsed.topic, True))
             else:
                 refusal = f"You may not subscribe to topic {parsed.topic!r}."
                 await ws.send(protocol.encode_error("forbidden", refusal, topic=parsed.topic))
         elif isinstance(parsed, protocol.Unsubscribe):
             self.registry.unsubscribe(client, parsed.topic)
+            self.presence.unsubscribed(client, parsed.topic)
             await ws.send(protocol.encode_subscribed(parsed.topic, False))
 
     # Routing, called by the listener in commit order.
@@ -324,7 +392,11 @@ class Worker:
     async def _refresh(self, client: Client) -> None:
         """Re-read ``client``'s rights; close it with 4401 if its session is no longer valid."""
         old = client.identity
-        identity = await run_sync(tokens.identity_for_session, old.session_key, old.user_id)
+        try:
+            identity = await run_sync(tokens.identity_for_session, old.session_key, old.user_id)
+        except DatabaseError as exc:
+            logger.warning("cannot re-check user %d now, keeping their rights: %s", old.user_id, exc)
+            return
         if client.state is State.CLOSED:
             return
         if identity is None:
@@ -335,6 +407,7 @@ class Worker:
         for topic in list(client.topics):
             if not can_subscribe(identity, topic):
                 self.registry.unsubscribe(client, topic)
+                self.presence.unsubscribed(client, topic)
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coroutine)

@@ -16,11 +16,12 @@ import functools
 import hashlib
 from typing import Any
 
+from django.apps import apps
 from django.contrib.admin.models import ADDITION, CHANGE, DELETION, LogEntry, LogEntryManager
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
 from django.contrib.auth.signals import user_logged_out
-from django.db.models.signals import m2m_changed, post_save, pre_delete
+from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete
 
 from realtime.outbox import publish_audience, publish_control
 
@@ -93,6 +94,16 @@ def _on_logout(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
         publish_control("realtime.session_ended", {"session": session_hash(session_key)})
 
 
+def _on_session_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
+    # Session rows deleted by any means that sends signals (admin, clearsessions,
+    # SessionStore.delete()); raw SQL is caught by the periodic re-validation.
+    publish_control("realtime.session_ended", {"session": session_hash(instance.session_key)})
+
+
+def _on_user_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
+    publish_control("realtime.user_changed", {"users": [instance.pk]})
+
+
 def _on_user_saved(sender: Any, instance: Any, created: bool, update_fields: Any = None, **kwargs: Any) -> None:
     if created or (update_fields is not None and set(update_fields) <= {"last_login"}):
         return  # a login saves last_login: nothing a connection depends on
@@ -148,5 +159,10 @@ def connect() -> None:
     m2m_changed.connect(_on_rights_m2m, sender=User.user_permissions.through, dispatch_uid="realtime.user_perms")
     m2m_changed.connect(_on_rights_m2m, sender=Group.permissions.through, dispatch_uid="realtime.group_perms")
     post_save.connect(_on_group_changed, sender=Group, dispatch_uid="realtime.group_saved")
+    post_delete.connect(_on_user_deleted, sender=User, dispatch_uid="realtime.user_deleted")
+    if apps.is_installed("django.contrib.sessions"):
+        from django.contrib.sessions.models import Session
+
+        post_delete.connect(_on_session_deleted, sender=Session, dispatch_uid="realtime.session_deleted")
     # Before the delete: afterwards the members can no longer be found.
     pre_delete.connect(_on_group_changed, sender=Group, dispatch_uid="realtime.group_deleted")

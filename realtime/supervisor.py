@@ -28,17 +28,21 @@ logger = logging.getLogger("realtime.supervisor")
 EARLY_EXIT = 3.0
 
 
-def _worker_main(host: str, port: int, number: int) -> None:
+def _worker_main(host: str, port: int, number: int, keep_open: float) -> None:
     """Entry point of a worker process."""
     import asyncio
 
     import django
 
     django.setup()
+    from realtime.memory import return_freed_memory_to_os
     from realtime.server import Worker, wait_for_stop_signal
 
+    return_freed_memory_to_os()
+
     async def main() -> None:
-        await Worker(name=f"worker-{number}").run(host, port, wait_for_stop_signal(), reuse_port=True)
+        worker = Worker(name=f"worker-{number}")
+        await worker.run(host, port, wait_for_stop_signal(), keep_open=keep_open, reuse_port=True)
 
     try:
         asyncio.run(main())
@@ -48,8 +52,8 @@ def _worker_main(host: str, port: int, number: int) -> None:
 
 
 class _Supervisor:
-    def __init__(self, host: str, port: int, count: int) -> None:
-        self.host, self.port, self.count = host, port, count
+    def __init__(self, host: str, port: int, count: int, keep_open: float) -> None:
+        self.host, self.port, self.count, self.keep_open = host, port, count, keep_open
         self.context = multiprocessing.get_context("spawn")
         self.processes: dict[int, Any] = {}
         self.started_at: dict[int, float] = {}
@@ -57,7 +61,7 @@ class _Supervisor:
 
     def start(self, number: int) -> None:
         process = self.context.Process(
-            target=_worker_main, args=(self.host, self.port, number), name=f"realtime-worker-{number}"
+            target=_worker_main, args=(self.host, self.port, number, self.keep_open), name=f"realtime-worker-{number}"
         )
         process.start()
         self.processes[number] = process
@@ -92,7 +96,7 @@ class _Supervisor:
         return 0
 
     def _join(self) -> None:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 15 + self.keep_open
         for process in self.processes.values():
             process.join(max(0.1, deadline - time.monotonic()))
             if process.is_alive():
@@ -100,6 +104,6 @@ class _Supervisor:
                 process.join()
 
 
-def run_workers(host: str, port: int, count: int) -> int:
+def run_workers(host: str, port: int, count: int, *, keep_open: float = 0.0) -> int:
     """Run ``count`` workers on ``host:port`` until SIGINT/SIGTERM; return an exit status."""
-    return _Supervisor(host, port, count).run()
+    return _Supervisor(host, port, count, keep_open).run()

@@ -26,6 +26,8 @@ from websockets.sync.client import ClientConnection, connect
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 WAIT = 10.0  # generous bound on any wait for a message
+# The demo site's origin: allowed by the worker (derived from ALLOWED_HOSTS).
+ORIGIN = "http://127.0.0.1:8000"
 
 
 def free_port() -> int:
@@ -161,7 +163,7 @@ def open_ws(
     worker: WorkerProcess, token: str, last_id: int | None = None, topics: list[str] | None = None
 ) -> tuple[ClientConnection, dict[str, Any]]:
     """Connect and authenticate; return the connection and the welcome message."""
-    ws = connect(worker.url, open_timeout=WAIT, max_size=None, legacy=True)
+    ws = connect(worker.url, open_timeout=WAIT, max_size=None, legacy=True, origin=ORIGIN)
     auth: dict[str, Any] = {"type": "auth", "token": token, "last_id": last_id}
     if topics:
         auth["topics"] = topics

@@ -23,7 +23,7 @@ from realtime import publish
 from realtime.client import RealtimeClient
 from realtime.models import Event
 from realtime.retention import prune
-from tests.conftest import BASE_DIR, WAIT, get_token, logged_in, make_user, start_worker
+from tests.conftest import BASE_DIR, ORIGIN, WAIT, get_token, logged_in, make_user, start_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,7 +36,7 @@ def client_for(worker, user, **kwargs) -> RealtimeClient:
         with lock:  # Django's test client is not thread-safe
             return get_token(web)
 
-    return RealtimeClient(worker.url, token, **kwargs)
+    return RealtimeClient(worker.url, token, origin=ORIGIN, **kwargs)
 
 
 def collect(client: RealtimeClient, count: int, timeout: float = 60.0) -> list[dict]:
@@ -260,7 +260,7 @@ def test_cursor_older_than_retention_gets_reset(worker):
     client.close()
     for n in range(5):
         publish("old", {"n": n}, users=[alice])
-    Event.objects.update(created_at=timezone.now() - timezone.timedelta(days=2))
+    Event.objects.filter(name="old").update(created_at=timezone.now() - timezone.timedelta(days=2))
     assert prune(24 * 3600) == 5
     publish("new", {}, users=[alice])
     reset = client.recv(WAIT)

@@ -10,6 +10,7 @@ from django.contrib.auth.models import Group, Permission
 
 from realtime import publish
 from tests.conftest import (
+    ORIGIN,
     assert_silent,
     get_token,
     logged_in,
@@ -87,7 +88,7 @@ def test_slow_reader_is_closed_1013_and_others_get_everything(transactional_db):
     try:
         alice = make_user("alice")
         good, _ = open_ws(worker, get_token(logged_in(alice)))
-        slow = raw_connect(worker.port, rcvbuf=4096)
+        slow = raw_connect(worker.port, rcvbuf=4096, origin=ORIGIN)
         send_text(slow, json.dumps({"type": "auth", "token": get_token(logged_in(alice)), "last_id": None}))
         time.sleep(0.3)  # authenticated; from now on it never reads
         blob = "x" * 100_000

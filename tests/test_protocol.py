@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from realtime import protocol
 from realtime.protocol import CloseCode, ProtocolError
@@ -88,3 +90,53 @@ def test_serialisers_produce_the_contract():
     assert json.loads(protocol.encode_error("c", "m")) == {"type": "error", "code": "c", "message": "m"}
     assert json.loads(protocol.encode_pong()) == {"type": "pong"}
     assert json.loads(protocol.encode_reset(3)) == {"type": "reset", "last_id": 3}
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=10,
+)
+client_objects = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": st.sampled_from(["auth", "subscribe", "unsubscribe", "ping", "pong", ""]) | st.text(max_size=10),
+        "token": json_values,
+        "last_id": json_values,
+        "topic": json_values,
+        "topics": json_values,
+    },
+)
+any_message = (
+    st.text(max_size=300) | st.binary(max_size=50) | client_objects.map(json.dumps) | json_values.map(json.dumps)
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(any_message)
+def test_any_input_parses_or_raises_a_protocol_error(message):
+    """Whatever a client sends, the parser returns a message or a ProtocolError with a defined code, never crashes."""
+    for parse in (protocol.parse_auth, protocol.parse_message):
+        try:
+            parsed = parse(message)
+        except ProtocolError as error:
+            assert error.code in {
+                "bad_message",
+                "bad_json",
+                "auth_required",
+                "bad_token",
+                "bad_last_id",
+                "bad_topics",
+                "bad_topic",
+                "already_authenticated",
+                "unknown_type",
+            }
+            assert error.close_code is None or isinstance(error.close_code, CloseCode)
+            assert parse is protocol.parse_message or error.close_code is not None  # first message: always closes
+        else:
+            if isinstance(parsed, protocol.Auth):
+                assert isinstance(parsed.token, str) and parsed.token
+                assert parsed.last_id is None or (isinstance(parsed.last_id, int) and parsed.last_id >= 0)
+                assert all(isinstance(t, str) and 0 < len(t) <= 200 for t in parsed.topics)
+            elif isinstance(parsed, protocol.Subscribe | protocol.Unsubscribe):
+                assert 0 < len(parsed.topic) <= 200

@@ -13,6 +13,7 @@ from websockets.sync.client import connect
 from realtime import publish
 from realtime.models import Event
 from tests.conftest import (
+    ORIGIN,
     WAIT,
     assert_silent,
     get_token,
@@ -151,7 +152,7 @@ def test_no_first_message_closes_4408(transactional_db):
     """A client that never authenticates is closed with 4408 after AUTH_TIMEOUT."""
     worker = start_worker({"REALTIME_AUTH_TIMEOUT": "0.5"})
     try:
-        with connect(worker.url) as ws:
+        with connect(worker.url, origin=ORIGIN) as ws:
             assert closed_code(ws) == 4408
     finally:
         worker.stop()
@@ -160,7 +161,7 @@ def test_no_first_message_closes_4408(transactional_db):
 @pytest.mark.parametrize("first", ["not-a-token", '{"type": "auth", "token": "x:y:z"}'])
 def test_bad_token_closes_4401(worker, first):
     """A forged token, bare or in an auth message, closes with 4401."""
-    with connect(worker.url) as ws:
+    with connect(worker.url, origin=ORIGIN) as ws:
         ws.send(first)
         assert closed_code(ws) == 4401
 
@@ -168,14 +169,14 @@ def test_bad_token_closes_4401(worker, first):
 def test_bare_token_is_accepted(worker):
     """The first message may be the bare token string, as in the websockets docs."""
     alice = make_user("alice")
-    with connect(worker.url) as ws:
+    with connect(worker.url, origin=ORIGIN) as ws:
         ws.send(get_token(logged_in(alice)))
         assert receive(ws)["type"] == "welcome"
 
 
 def test_malformed_first_message_closes_1008(worker):
     """A first message that is JSON but not an auth message is a protocol violation."""
-    with connect(worker.url) as ws:
+    with connect(worker.url, origin=ORIGIN) as ws:
         ws.send(json.dumps({"type": "subscribe", "topic": "x"}))
         assert closed_code(ws) == 1008
 

@@ -13,14 +13,14 @@ from websockets.sync.client import connect
 
 from realtime import tokens
 from realtime.models import Ticket
-from tests.conftest import WAIT, get_token, logged_in, make_user
+from tests.conftest import ORIGIN, WAIT, get_token, logged_in, make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def auth_close_code(worker, token: str) -> int | None:
     """Authenticate with ``token``; return the close code, or None if welcomed."""
-    with connect(worker.url) as ws:
+    with connect(worker.url, origin=ORIGIN) as ws:
         ws.send(json.dumps({"type": "auth", "token": token, "last_id": None}))
         try:
             message = json.loads(ws.recv(WAIT))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 from typing import Any
@@ -13,6 +14,7 @@ from django.db.migrations.executor import MigrationExecutor
 from django.db.utils import OperationalError
 
 from realtime.conf import settings
+from realtime.memory import return_freed_memory_to_os
 from realtime.server import Worker, wait_for_stop_signal
 from realtime.supervisor import run_workers
 
@@ -47,30 +49,46 @@ class Command(BaseCommand):
             default=1,
             help="Number of worker processes sharing the port with SO_REUSEPORT (default 1).",
         )
+        parser.add_argument(
+            "--unix", metavar="PATH", default=None, help="Listen on this Unix socket (behind a reverse proxy) instead."
+        )
+        parser.add_argument(
+            "--keep-open",
+            metavar="SECONDS",
+            type=float,
+            default=0.0,
+            help="On SIGTERM/SIGINT, stop accepting but keep serving open connections this long (rolling deploys).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         host, port = parse_addrport(options["addrport"] or f"127.0.0.1:{settings.WS_PORT}")
-        workers = options["workers"]
+        workers, unix_path, keep_open = options["workers"], options["unix"], options["keep_open"]
         if workers < 1:
             raise CommandError("--workers must be at least 1.")
+        if keep_open < 0:
+            raise CommandError("--keep-open must be zero or more seconds.")
+        if workers > 1 and unix_path:
+            raise CommandError("--workers cannot share a Unix socket; run one worker per socket path.")
         if workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
             raise CommandError("--workers needs SO_REUSEPORT, which this platform lacks; run one worker per port.")
         self._check_database()
+        _raise_open_files_limit()
+        return_freed_memory_to_os()
+        where = f"unix:{unix_path}" if unix_path else f"ws://{_url_host(host)}:{port}/"
         self.stdout.write(
-            f"Realtime websocket {'worker' if workers == 1 else f'{workers} workers'} on "
-            f"ws://{_url_host(host)}:{port}/ (Ctrl-C to stop)"
+            f"Realtime websocket {'worker' if workers == 1 else f'{workers} workers'} on {where} (Ctrl-C to stop)"
         )
         if workers > 1:
-            if run_workers(host, port, workers) != 0:
+            if run_workers(host, port, workers, keep_open=keep_open) != 0:
                 raise CommandError("A worker failed to start; see the log above.")
             return
         try:
-            asyncio.run(self._main(host, port))
+            asyncio.run(self._main(host, port, unix_path, keep_open))
         except OSError as exc:
-            raise CommandError(f"Cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            raise CommandError(f"Cannot listen on {unix_path or f'{host}:{port}'}: {exc.strerror or exc}") from None
 
-    async def _main(self, host: str, port: int) -> None:
-        await Worker().run(host, port, wait_for_stop_signal())
+    async def _main(self, host: str, port: int, unix_path: str | None, keep_open: float) -> None:
+        await Worker().run(host, port, wait_for_stop_signal(), unix_path=unix_path, keep_open=keep_open)
 
     def _check_database(self) -> None:
         connection = connections[DEFAULT_DB_ALIAS]
@@ -87,3 +105,15 @@ class Command(BaseCommand):
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _raise_open_files_limit() -> None:
+    """Each connection is a file descriptor: lift the soft limit (often 1024) to the hard one."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
