@@ -126,3 +126,38 @@ def test_a_cursor_reader_never_skips_an_event_under_concurrent_commits():
     committed = list(Event.objects.order_by("position").values_list("position", flat=True))
     assert len(committed) == 200
     assert seen == committed  # nothing skipped, nothing twice, in order
+
+
+@pytest.mark.django_db(transaction=True)
+def test_publish_many_commits_a_batch_in_order_with_one_wake_up():
+    """publish_many() writes every event in one go; at commit they get consecutive ids in the order given."""
+    from realtime import publish_many
+
+    user = make_user("alice")
+    with connection.cursor() as cursor:
+        cursor.execute("LISTEN realtime")
+    with transaction.atomic():
+        count = publish_many({"event": "batch", "data": {"n": n}, "users": [user]} for n in range(1000))
+    assert count == 1000
+    rows = list(Event.objects.filter(name="batch").order_by("position").values_list("position", "data"))
+    assert [data["n"] for _, data in rows] == list(range(1000))
+    positions = [position for position, _ in rows]
+    assert positions == list(range(positions[0], positions[0] + 1000))
+    notifies = list(connection.connection.notifies(timeout=1, stop_after=2))
+    assert len(notifies) == 1  # one wake-up for the whole batch
+
+
+@pytest.mark.django_db
+def test_publish_many_validates_every_item_before_writing():
+    """A bad item anywhere in the batch raises, naming its index, and nothing is written."""
+    from realtime import publish_many
+
+    good = {"event": "ok", "data": {}, "everyone": True}
+    with pytest.raises(TypeError, match="publish_many\\(\\) item 2: publish\\('x'\\) has no audience"):
+        publish_many([good, good, {"event": "x", "data": {}}])
+    with pytest.raises(TypeError, match="item 1 has unknown keys: colour"):
+        publish_many([good, {**good, "colour": "red"}])
+    with pytest.raises(TypeError, match="item 0 must be a dict"):
+        publish_many(["nope"])
+    assert publish_many([]) == 0
+    assert not Event.objects.exists()

@@ -308,3 +308,16 @@ def test_topic_policy_refuses_with_an_error_not_a_disconnect(transactional_db):
         ws.close()
     finally:
         worker.stop()
+
+
+def test_publish_many_is_delivered_in_order(worker):
+    """A batch published with publish_many() arrives complete and in order."""
+    from realtime import publish_many
+
+    alice = make_user("alice")
+    ws, _ = open_ws(worker, get_token(logged_in(alice)))
+    with transaction.atomic():
+        publish_many({"event": "bulk", "data": {"n": n}, "users": [alice.pk]} for n in range(2000))
+    events = receive_events(ws, 2000)
+    assert [e["data"]["n"] for e in events] == list(range(2000))
+    ws.close()
