@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,9 @@ def wait_for_stop_signal() -> asyncio.Future[None]:
     """Return a future that completes on the first SIGINT or SIGTERM (call inside the loop)."""
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()
+    if threading.current_thread() is not threading.main_thread():
+        # Under the autoreloader (--reload) the main thread owns the signals and ends the process.
+        return stop
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
     return stop

@@ -84,3 +84,52 @@ def test_runwebsockets_reports_a_busy_port():
     assert result.returncode == 1
     assert f"CommandError: Cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.django_db
+def test_runwebsockets_reload_restarts_on_code_change():
+    """With --reload, touching a Python file of the app restarts the worker, which serves again."""
+    import signal
+    import time
+    from pathlib import Path
+
+    from tests.conftest import WorkerProcess, free_port
+
+    port = free_port()
+    log_path = Path(BASE_DIR / f".reload-test-{port}.log")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "runwebsockets", f"127.0.0.1:{port}", "--reload"],
+            cwd=BASE_DIR,
+            env={**os.environ, "DATABASE_URL": database_url_for_tests()},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # the reloader's child is in the same group: stop both
+        )
+    worker = WorkerProcess(process, port, log_path)
+    try:
+
+        def wait_ready() -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    if worker.http("/readyz")[0] == 200:
+                        return
+                except OSError:
+                    pass
+                time.sleep(0.1)
+            raise AssertionError(worker.log())
+
+        wait_ready()
+        source = BASE_DIR / "realtime" / "topics.py"
+        time.sleep(1.5)  # the StatReloader compares modification times once a second
+        os.utime(source)
+        deadline = time.monotonic() + 30
+        while "topics.py changed, reloading" not in worker.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "topics.py changed, reloading" in worker.log()
+        wait_ready()
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(15)
+        log_path.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.migrations.executor import MigrationExecutor
 from django.db.utils import OperationalError
+from django.utils import autoreload
 
 from realtime.conf import settings
 from realtime.memory import return_freed_memory_to_os
@@ -53,6 +54,9 @@ class Command(BaseCommand):
             "--unix", metavar="PATH", default=None, help="Listen on this Unix socket (behind a reverse proxy) instead."
         )
         parser.add_argument(
+            "--reload", action="store_true", help="Restart the worker when Python files change (development)."
+        )
+        parser.add_argument(
             "--keep-open",
             metavar="SECONDS",
             type=float,
@@ -67,6 +71,8 @@ class Command(BaseCommand):
             raise CommandError("--workers must be at least 1.")
         if keep_open < 0:
             raise CommandError("--keep-open must be zero or more seconds.")
+        if workers > 1 and options["reload"]:
+            raise CommandError("--reload runs a single worker; drop --workers.")
         if workers > 1 and unix_path:
             raise CommandError("--workers cannot share a Unix socket; run one worker per socket path.")
         if workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
@@ -82,6 +88,13 @@ class Command(BaseCommand):
             if run_workers(host, port, workers, keep_open=keep_open) != 0:
                 raise CommandError("A worker failed to start; see the log above.")
             return
+        if options["reload"]:
+            # Like runserver: a parent process restarts this one when a file changes.
+            autoreload.run_with_reloader(self._serve, host, port, unix_path, keep_open)
+        else:
+            self._serve(host, port, unix_path, keep_open)
+
+    def _serve(self, host: str, port: int, unix_path: str | None, keep_open: float) -> None:
         try:
             asyncio.run(self._main(host, port, unix_path, keep_open))
         except OSError as exc:
