@@ -134,3 +134,16 @@ def test_page_recovers_after_worker_restart_and_shows_missed_events(realtime_sit
         assert len(set(ids)) == 3
     finally:
         restarted.stop()
+
+
+def test_logout_in_another_tab_disconnects_the_page(realtime_site, superusers, browser):
+    """Logging out in a second tab closes the first tab's connection (4401) and its client stops."""
+    base = realtime_site.url
+    page = admin_login(browser, base, "watcher", "watcher-pw")
+    page.goto(f"{base}/realtime/")
+    page.wait_for_selector("#state[data-state=open]", timeout=10_000)
+    other_tab = page.context.new_page()
+    other_tab.goto(f"{base}/admin/")
+    other_tab.click("#logout-form button")  # Django 5's admin logs out with a POST form
+    other_tab.wait_for_url(f"{base}/admin/logout/")
+    page.wait_for_selector("#state[data-state=stopped]", timeout=10_000)
