@@ -50,7 +50,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 from django.contrib.auth import get_user_model
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import DateTimeField, ExpressionWrapper, Q, QuerySet, Value
 from django.db.models.functions import Now
 
@@ -89,7 +89,7 @@ def lease_seconds(interval: float) -> float:
     return LEASE_MISSED_ROUNDS * interval + LEASE_MARGIN
 
 
-def online_users(topic: str | None = None, *, using: str = DEFAULT_DB_ALIAS) -> QuerySet[Any]:
+def online_users(topic: str | None = None) -> QuerySet[Any]:
     """Return the users with at least one connection on a live worker (sync).
 
     Args:
@@ -101,16 +101,12 @@ def online_users(topic: str | None = None, *, using: str = DEFAULT_DB_ALIAS) -> 
         connection appears, and disappears, up to that long after the fact
         (a worker that dies without shutting down: up to its lease).
     """
-    return (
-        get_user_model()
-        ._default_manager.using(using)
-        .filter(pk__in=online_connections(topic, using=using).values("user_id"))
-    )
+    return get_user_model()._default_manager.filter(pk__in=online_connections(topic).values("user_id"))
 
 
-def online_connections(topic: str | None = None, *, using: str = DEFAULT_DB_ALIAS) -> QuerySet[PresenceConnection]:
+def online_connections(topic: str | None = None) -> QuerySet[PresenceConnection]:
     """Return the connections on live workers (subscribed to ``topic`` if given) (sync)."""
-    rows = PresenceConnection.objects.using(using).filter(worker__expires_at__gt=Now())
+    rows = PresenceConnection.objects.filter(worker__expires_at__gt=Now())
     if topic is not None:
         rows = rows.filter(subscriptions__topic=topic)
     return rows
@@ -147,8 +143,7 @@ class PresenceTracker:
     while the worker serves; after cancelling it, call ``close()`` once.
     """
 
-    def __init__(self, *, using: str = DEFAULT_DB_ALIAS) -> None:
-        self.using = using
+    def __init__(self) -> None:
         self.worker_id = secrets.token_hex(8)
         self._row = _WorkerRow(self.worker_id, socket.gethostname()[:255], os.getpid(), datetime.now(UTC))
         self._numbers = itertools.count(1)
@@ -156,9 +151,6 @@ class PresenceTracker:
         self._live: dict[Client, _Connection] = {}
         self._written: dict[str, _Connection] = {}
         self._inflight: asyncio.Future[dict[str, _Connection]] | None = None
-
-    def __len__(self) -> int:
-        return len(self._live)
 
     # Hooks for the connection handler (no I/O).
 
@@ -178,15 +170,15 @@ class PresenceTracker:
 
     def subscribed(self, client: Client, topic: str) -> None:
         """Record that ``client`` subscribed to ``topic`` (no effect before ``joined()``)."""
-        connection = self._live.get(client)
-        if connection is not None and topic not in connection.topics:
-            self._live[client] = dataclasses.replace(connection, topics=connection.topics | {topic})
+        entry = self._live.get(client)
+        if entry is not None and topic not in entry.topics:
+            self._live[client] = dataclasses.replace(entry, topics=entry.topics | {topic})
 
     def unsubscribed(self, client: Client, topic: str) -> None:
         """Record that ``client`` left ``topic``."""
-        connection = self._live.get(client)
-        if connection is not None and topic in connection.topics:
-            self._live[client] = dataclasses.replace(connection, topics=connection.topics - {topic})
+        entry = self._live.get(client)
+        if entry is not None and topic in entry.topics:
+            self._live[client] = dataclasses.replace(entry, topics=entry.topics - {topic})
 
     def left(self, client: Client) -> None:
         """Record that ``client`` disconnected; safe to call twice."""
@@ -206,7 +198,7 @@ class PresenceTracker:
         Errors are logged (database errors as warnings) and the round's
         changes are retried next time; this never raises except on cancel.
         """
-        wanted = {connection.id: connection for connection in self._live.values()}
+        wanted = {entry.id: entry for entry in self._live.values()}
         future = asyncio.ensure_future(
             run_sync(
                 _round,
@@ -215,7 +207,6 @@ class PresenceTracker:
                 self._written,
                 lease=lease_seconds(settings.PRESENCE_INTERVAL),
                 patterns=tuple(settings.PRESENCE_TOPICS),
-                using=self.using,
             )
         )
         self._inflight = future
@@ -239,7 +230,7 @@ class PresenceTracker:
         self._live.clear()
         try:
             await asyncio.wait_for(
-                run_sync(expire_workers, [self.worker_id], patterns=tuple(settings.PRESENCE_TOPICS), using=self.using),
+                run_sync(expire_workers, [self.worker_id], patterns=tuple(settings.PRESENCE_TOPICS)),
                 CLOSE_TIMEOUT,
             )
         except (DatabaseError, TimeoutError) as exc:
@@ -258,13 +249,17 @@ def _round(
     *,
     lease: float,
     patterns: tuple[str, ...],
-    using: str,
 ) -> dict[str, _Connection]:
     """Write one round; return what the database now holds for this worker."""
-    result = _write(row, wanted, written, lease=lease, patterns=patterns, using=using)
-    expired = expire_workers(None, patterns=patterns, using=using)
-    if expired:
-        logger.info("presence: expired %d worker(s) whose lease ran out", expired)
+    result = _write(row, wanted, written, lease=lease, patterns=patterns)
+    # The write is committed: a failure here must not make the caller write it again.
+    try:
+        expired = expire_workers(None, patterns=patterns)
+    except DatabaseError as exc:
+        logger.warning("presence: cannot expire dead workers, will retry: %s", exc)
+    else:
+        if expired:
+            logger.info("presence: expired %d worker(s) whose lease ran out", expired)
     return result
 
 
@@ -275,12 +270,11 @@ def _write(
     *,
     lease: float,
     patterns: tuple[str, ...],
-    using: str,
 ) -> dict[str, _Connection]:
     """Heartbeat, then turn ``written`` into ``wanted`` in the database, in one transaction."""
-    workers = PresenceWorker.objects.using(using)
+    workers = PresenceWorker.objects
     expires = ExpressionWrapper(Now() + Value(timedelta(seconds=lease)), output_field=DateTimeField())
-    with transaction.atomic(using=using):
+    with transaction.atomic():
         # Locks this worker's row until commit: expire_workers() skips it meanwhile.
         if not workers.filter(pk=row.id).update(heartbeat_at=Now(), expires_at=expires):
             if written:
@@ -294,20 +288,23 @@ def _write(
                 expires_at=expires,
             )
             written = {}
-        added = [connection for key, connection in wanted.items() if key not in written]
+        added = [c for key, c in wanted.items() if key not in written]
         gone = [key for key in written if key not in wanted]
-        subscribed = [(c, topic) for c in wanted.values() for topic in c.topics - written.get(c.id, _NONE).topics]
-        unsubscribed = [(c, topic) for c in written.values() for topic in c.topics - wanted.get(c.id, _NONE).topics]
+        # Snapshots are immutable: an unchanged connection is the very same object.
+        changed = [c for c in wanted.values() if written.get(c.id) is not c]
+        subscribed = [(c, topic) for c in changed for topic in c.topics - written.get(c.id, _NONE).topics]
+        left = [c for c in written.values() if wanted.get(c.id) is not c]
+        unsubscribed = [(c, topic) for c in left for topic in c.topics - wanted.get(c.id, _NONE).topics]
         if not (added or gone or subscribed or unsubscribed):
             return dict(wanted)
         names = {
             (c.user_id, topic): c.username for c, topic in subscribed + unsubscribed if _announced(topic, patterns)
         }
-        _lock(names, using)
+        _lock(names)
         # Additions first: a user moving from one connection to another never "leaves".
         joining = {(c.user_id, topic) for c, topic in subscribed} & names.keys()
-        present_before = _present(joining, using)
-        PresenceConnection.objects.using(using).bulk_create(
+        present_before = _present(joining)
+        PresenceConnection.objects.bulk_create(
             [
                 PresenceConnection(
                     id=c.id,
@@ -321,24 +318,27 @@ def _write(
             ],
             ignore_conflicts=True,
         )
-        PresenceSubscription.objects.using(using).bulk_create(
+        PresenceSubscription.objects.bulk_create(
             [PresenceSubscription(connection_id=c.id, user_id=c.user_id, topic=topic) for c, topic in subscribed],
             ignore_conflicts=True,
         )
-        dropped = [(c, topic) for c, topic in unsubscribed if c.id in wanted]
-        if dropped:
-            condition = Q()
-            for c, topic in dropped:
-                condition |= Q(connection_id=c.id, topic=topic)
-            PresenceSubscription.objects.using(using).filter(condition).delete()
+        doomed = Q(connection_id__in=gone) if gone else Q()
+        for c, topic in unsubscribed:
+            if c.id in wanted:
+                doomed |= Q(connection_id=c.id, topic=topic)
+        leaving: set[tuple[int, str]] = set()
+        if doomed:
+            rows = PresenceSubscription.objects.filter(doomed)
+            # Only what this transaction really deletes can be a leave (a retried round deletes nothing twice).
+            leaving = set(rows.values_list("user_id", "topic").distinct()) & names.keys()
+            rows.delete()
         if gone:
-            PresenceConnection.objects.using(using).filter(pk__in=gone).delete()
-        leaving = {(c.user_id, topic) for c, topic in unsubscribed} & names.keys()
-        present_after = _present(leaving, using)
+            PresenceConnection.objects.filter(pk__in=gone).delete()
+        present_after = _present(leaving)
         for user_id, topic in sorted(joining - present_before):
-            _announce(PRESENCE_JOIN, user_id, names[user_id, topic], topic, using)
+            _announce(PRESENCE_JOIN, user_id, names[user_id, topic], topic)
         for user_id, topic in sorted(leaving - present_after):
-            _announce(PRESENCE_LEAVE, user_id, names[user_id, topic], topic, using)
+            _announce(PRESENCE_LEAVE, user_id, names[user_id, topic], topic)
     return dict(wanted)
 
 
@@ -346,7 +346,6 @@ def expire_workers(
     worker_ids: Iterable[str] | None = None,
     *,
     patterns: Iterable[str] | None = None,
-    using: str = DEFAULT_DB_ALIAS,
 ) -> int:
     """Delete workers and their presence rows, announcing leaves; return how many were deleted (sync).
 
@@ -356,8 +355,8 @@ def expire_workers(
         patterns: the ``PRESENCE_TOPICS`` patterns (default: the setting).
     """
     patterns = tuple(settings.PRESENCE_TOPICS if patterns is None else patterns)
-    with transaction.atomic(using=using):
-        workers = PresenceWorker.objects.using(using)
+    with transaction.atomic():
+        workers = PresenceWorker.objects.all()
         if worker_ids is None:
             workers = workers.filter(expires_at__lt=Now()).select_for_update(skip_locked=True)
         else:
@@ -367,14 +366,14 @@ def expire_workers(
             return 0
         names: dict[tuple[int, str], str] = {}
         if patterns:
-            rows = PresenceSubscription.objects.using(using).filter(connection__worker__in=doomed)
+            rows = PresenceSubscription.objects.filter(connection__worker__in=doomed)
             for user_id, topic, username in rows.values_list("user_id", "topic", "connection__username").distinct():
                 if _announced(topic, patterns):
                     names[user_id, topic] = username
-        _lock(names, using)
-        PresenceWorker.objects.using(using).filter(pk__in=doomed).delete()
-        for user_id, topic in sorted(set(names) - _present(set(names), using)):
-            _announce(PRESENCE_LEAVE, user_id, names[user_id, topic], topic, using)
+        _lock(names)
+        PresenceWorker.objects.filter(pk__in=doomed).delete()
+        for user_id, topic in sorted(set(names) - _present(set(names))):
+            _announce(PRESENCE_LEAVE, user_id, names[user_id, topic], topic)
     return len(doomed)
 
 
@@ -382,11 +381,11 @@ def _announced(topic: str, patterns: Iterable[str]) -> bool:
     return any(fnmatchcase(topic, pattern) for pattern in patterns)
 
 
-def _lock(pairs: Iterable[tuple[int, str]], using: str) -> None:
+def _lock(pairs: Iterable[tuple[int, str]]) -> None:
     """Take the advisory lock of each (user, topic) until commit, in one global order (no deadlocks)."""
     keys = sorted({_lock_key(user_id, topic) for user_id, topic in pairs})
     if keys:
-        with connections[using].cursor() as cursor:
+        with connection.cursor() as cursor:
             # A plain function scan: the locks are taken in array order.
             cursor.execute("SELECT pg_advisory_xact_lock(key) FROM unnest(%s::bigint[]) AS key", [keys])
 
@@ -396,18 +395,18 @@ def _lock_key(user_id: int, topic: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def _present(pairs: set[tuple[int, str]], using: str) -> set[tuple[int, str]]:
+def _present(pairs: set[tuple[int, str]]) -> set[tuple[int, str]]:
     """Return the (user, topic) pairs of ``pairs`` that have a subscription row, on any worker."""
     if not pairs:
         return set()
-    rows = PresenceSubscription.objects.using(using).filter(
+    rows = PresenceSubscription.objects.filter(
         user_id__in={user_id for user_id, _ in pairs}, topic__in={topic for _, topic in pairs}
     )
     return set(rows.values_list("user_id", "topic").distinct()) & pairs
 
 
-def _announce(event: str, user_id: int, username: str, topic: str, using: str) -> None:
-    publish(event, {"user": {"id": user_id, "username": username}, "topic": topic}, topic=topic, using=using)
+def _announce(event: str, user_id: int, username: str, topic: str) -> None:
+    publish(event, {"user": {"id": user_id, "username": username}, "topic": topic}, topic=topic)
 
 
 def _ip_of(remote: str) -> str:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -198,6 +201,32 @@ def test_tracker_rewrites_rows_expired_behind_its_back():
     asyncio.run(scenario())
     assert not PresenceWorker.objects.exists()
     assert not PresenceConnection.objects.exists()
+
+
+def test_simultaneous_first_subscriptions_on_two_workers_announce_once():
+    """Two workers writing the same user's first subscription at the same moment publish one presence.join."""
+    from realtime.models import Event
+    from realtime.presence import _Connection, _WorkerRow, _write
+
+    users = [make_user(f"user{n}") for n in range(15)]
+    worker_rows = [_WorkerRow(f"worker-{n}", "host", n, datetime.now(UTC)) for n in (1, 2)]
+
+    def add(row: _WorkerRow, user: Any, start: threading.Barrier) -> None:
+        topics = frozenset({"room:1"})
+        entry = _Connection(f"{row.id}.{user.pk}", user.pk, user.username, "127.0.0.1", time.time(), topics)
+        start.wait()
+        try:
+            _write(row, {entry.id: entry}, {}, lease=60.0, patterns=("room:*",))
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(2) as pool:
+        for user in users:
+            start = threading.Barrier(2)
+            for future in [pool.submit(add, row, user, start) for row in worker_rows]:
+                future.result()
+    joins = Counter(event.data["user"]["username"] for event in Event.objects.filter(name="presence.join"))
+    assert joins == {user.username: 1 for user in users}
 
 
 @pytest.mark.parametrize(
