@@ -75,6 +75,8 @@ class PresenceWorker(models.Model):
     heartbeat_at = models.DateTimeField()
     # Database time after which the worker counts as dead and its rows expire.
     expires_at = models.DateTimeField(db_index=True)
+    # The listener's cursor at the last heartbeat: how far this worker has routed.
+    cursor = models.BigIntegerField(default=0)
 
     class Meta:
         db_table = "realtime_presence_worker"

@@ -44,7 +44,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
@@ -143,7 +143,9 @@ class PresenceTracker:
     while the worker serves; after cancelling it, call ``close()`` once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cursor: Callable[[], int | None] = lambda: None) -> None:
+        """``cursor`` returns the worker's listener position, written with each heartbeat."""
+        self.cursor = cursor
         self.worker_id = secrets.token_hex(8)
         self._row = _WorkerRow(self.worker_id, socket.gethostname()[:255], os.getpid(), datetime.now(UTC))
         self._numbers = itertools.count(1)
@@ -207,6 +209,7 @@ class PresenceTracker:
                 self._written,
                 lease=lease_seconds(settings.PRESENCE_INTERVAL),
                 patterns=tuple(settings.PRESENCE_TOPICS),
+                cursor=self.cursor() or 0,
             )
         )
         self._inflight = future
@@ -249,9 +252,10 @@ def _round(
     *,
     lease: float,
     patterns: tuple[str, ...],
+    cursor: int = 0,
 ) -> dict[str, _Connection]:
     """Write one round; return what the database now holds for this worker."""
-    result = _write(row, wanted, written, lease=lease, patterns=patterns)
+    result = _write(row, wanted, written, lease=lease, patterns=patterns, cursor=cursor)
     # The write is committed: a failure here must not make the caller write it again.
     try:
         expired = expire_workers(None, patterns=patterns)
@@ -270,13 +274,14 @@ def _write(
     *,
     lease: float,
     patterns: tuple[str, ...],
+    cursor: int = 0,
 ) -> dict[str, _Connection]:
     """Heartbeat, then turn ``written`` into ``wanted`` in the database, in one transaction."""
     workers = PresenceWorker.objects
     expires = ExpressionWrapper(Now() + Value(timedelta(seconds=lease)), output_field=DateTimeField())
     with transaction.atomic():
         # Locks this worker's row until commit: expire_workers() skips it meanwhile.
-        if not workers.filter(pk=row.id).update(heartbeat_at=Now(), expires_at=expires):
+        if not workers.filter(pk=row.id).update(heartbeat_at=Now(), expires_at=expires, cursor=cursor):
             if written:
                 logger.warning("presence: this worker's rows expired (heartbeats missed); writing them again")
             workers.create(
@@ -286,6 +291,7 @@ def _write(
                 started_at=row.started_at,
                 heartbeat_at=Now(),
                 expires_at=expires,
+                cursor=cursor,
             )
             written = {}
         added = [c for key, c in wanted.items() if key not in written]

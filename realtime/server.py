@@ -74,7 +74,7 @@ class Worker:
         self.metrics.listener_up.set_function(lambda: 1 if self.listener.ready else 0)
         self.metrics.connections.set_function(lambda: len(self.registry))
         self._background: set[asyncio.Task[Any]] = set()
-        self.presence = PresenceTracker()
+        self.presence = PresenceTracker(cursor=lambda: self.listener.cursor)
         self.server: Any = None
 
     async def run(

@@ -133,3 +133,38 @@ def test_runwebsockets_reload_restarts_on_code_change():
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(15)
         log_path.unlink(missing_ok=True)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_realtime_status_reports_workers_connections_lag_and_outbox(worker):
+    """realtime_status shows the live worker with its connection, a listener lag of zero, and the outbox."""
+    import io
+    import json
+    import time
+
+    from realtime import publish
+    from tests.conftest import get_token, logged_in, make_user, open_ws, receive_events
+
+    alice = make_user("alice")
+    ws, _ = open_ws(worker, get_token(logged_in(alice)))
+    publish("counted", {}, users=[alice])
+    receive_events(ws, 1)
+    deadline = time.monotonic() + 15
+    while True:  # presence is written every PRESENCE_INTERVAL (2 s)
+        out = io.StringIO()
+        call_command("realtime_status", "--json", stdout=out)
+        status = json.loads(out.getvalue())
+        if status["connections"] == 1 and status["workers"] and status["workers"][0]["lag_events"] == 0:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    (live,) = status["workers"]
+    assert live["pid"] == worker.process.pid
+    assert live["connections"] == 1
+    assert status["users_online"] == 1
+    assert status["outbox"]["events"] >= 1
+    text = io.StringIO()
+    call_command("realtime_status", stdout=text)
+    assert "Workers: 1 live" in text.getvalue()
+    assert "Connections: 1 (1 user(s) online)" in text.getvalue()
+    ws.close()
