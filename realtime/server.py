@@ -213,7 +213,7 @@ class Worker:
             await ws.close(exc.close_code or CloseCode.POLICY_VIOLATION, exc.message)
             return
         try:
-            identity = await run_sync(tokens.verify, auth.token)
+            identity, reason = await run_sync(tokens.check, auth.token)
         except DatabaseError as exc:
             self.metrics.authentications.labels("unavailable").inc()
             logger.warning("%s closed 1013: cannot verify the token, database unavailable: %s", remote, exc)
@@ -221,7 +221,7 @@ class Worker:
             return
         if identity is None:
             self.metrics.authentications.labels("refused").inc()
-            logger.info("%s closed 4401: authentication failed", remote)
+            logger.info("%s closed 4401: authentication failed (%s)", remote, reason)
             await ws.close(CloseCode.AUTH_FAILED, "authentication failed")
             return
         if len(self.registry.for_user(identity.user_id)) >= settings.MAX_CONNECTIONS_PER_USER:

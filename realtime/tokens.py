@@ -12,8 +12,9 @@ session key, which never leaves the server. Verification consumes the ticket
   change logs out), with ``SECRET_KEY_FALLBACKS`` honoured;
 - the user's authentication backend still accepts the user (active users only).
 
-``verify()`` returns None on any failure and logs the reason at INFO, never
-the token. It does database work: call it from a thread in async code.
+``check()`` returns the identity or the reason it was refused; ``verify()``
+returns None on any failure. Reasons are logged at INFO, never the token.
+Both do database work: call them from a thread in async code.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from django.utils.crypto import constant_time_compare
 from realtime.conf import settings
 from realtime.models import Ticket
 
-__all__ = ["Identity", "mint", "verify"]
+__all__ = ["Identity", "check", "identity_for_session", "mint", "verify"]
 
 SALT = "realtime.tokens"
 logger = logging.getLogger("realtime.auth")
@@ -75,49 +76,75 @@ def mint(user: Any, session_key: str) -> str:
 
 
 def verify(token: str) -> Identity | None:
-    """Consume ``token`` and return the identity it proves, or None."""
+    """Consume ``token`` and return the identity it proves, or None (reason logged)."""
+    identity, _ = check(token)
+    return identity
+
+
+def check(token: str) -> tuple[Identity | None, str]:
+    """Consume ``token``; return ``(identity, "")`` or ``(None, reason)``.
+
+    The reason is for logs ("token expired", "session ended", ...); never
+    show it to the client, which only learns 4401.
+    """
+    try:
+        return _identity_for_token(token), ""
+    except Refused as refusal:
+        logger.info("authentication refused: %s", refusal.reason)
+        return None, refusal.reason
+
+
+def _identity_for_token(token: str) -> Identity:
     try:
         payload = signing.loads(token, salt=SALT, max_age=settings.TOKEN_MAX_AGE)
         user_id, nonce = payload["u"], payload["n"]
         if not isinstance(nonce, str):
             raise TypeError
     except signing.SignatureExpired:
-        return _refuse("token expired")
+        raise Refused("token expired") from None
     except (signing.BadSignature, KeyError, TypeError, ValueError):
-        return _refuse("bad token signature or format")
+        raise Refused("bad token signature or format") from None
     ticket = Ticket.objects.filter(nonce_hash=_hash(nonce), user_id=user_id).first()
     if ticket is None:
-        return _refuse("token unknown or already used")
+        raise Refused("token unknown or already used")
     # Single use: whoever deletes the row wins; a replay finds nothing.
     if Ticket.objects.filter(pk=ticket.pk).delete()[0] != 1:
-        return _refuse("token already used")
+        raise Refused("token already used")
     if ticket.expires_at < timezone.now():
-        return _refuse("token expired")
-    return identity_for_session(ticket.session_key, user_id)
+        raise Refused("token expired")
+    return _identity_for_session(ticket.session_key, user_id)
 
 
 def identity_for_session(session_key: str, user_id: int) -> Identity | None:
-    """Return the identity of ``user_id`` if ``session_key`` is still their live session."""
+    """Return the identity of ``user_id`` if ``session_key`` is still their live session, else None."""
+    try:
+        return _identity_for_session(session_key, user_id)
+    except Refused as refusal:
+        logger.info("session re-check refused user %s: %s", user_id, refusal.reason)
+        return None
+
+
+def _identity_for_session(session_key: str, user_id: int) -> Identity:
     engine = import_module(django_settings.SESSION_ENGINE)
     session = engine.SessionStore(session_key)
     if not session.exists(session_key):
-        return _refuse("session ended")
+        raise Refused("session ended")
     data = session.load()
     if str(data.get(SESSION_KEY)) != str(user_id):
-        return _refuse("session belongs to another user")
+        raise Refused("session belongs to another user")
     backend_path = data.get(BACKEND_SESSION_KEY)
     if backend_path not in django_settings.AUTHENTICATION_BACKENDS:
-        return _refuse("session backend no longer enabled")
+        raise Refused("session backend no longer enabled")
     user = load_backend(backend_path).get_user(user_id)
     if user is None or not user.is_active:
-        return _refuse("user unknown or inactive")
+        raise Refused("user unknown or inactive")
     # Same check as django.contrib.auth.get_user(), without its side effects
     # (it flushes or cycles the session, which would log the browser out).
     session_auth_hash = data.get(HASH_SESSION_KEY) or ""
     if hasattr(user, "get_session_auth_hash"):
         candidates = [user.get_session_auth_hash(), *user.get_session_auth_fallback_hash()]
         if not session_auth_hash or not any(constant_time_compare(session_auth_hash, c) for c in candidates):
-            return _refuse("session auth hash changed (password changed)")
+            raise Refused("session auth hash changed (password changed)")
     from realtime.signals import session_hash
 
     return Identity(
@@ -136,6 +163,9 @@ def _hash(nonce: str) -> str:
     return hashlib.sha256(nonce.encode()).hexdigest()
 
 
-def _refuse(reason: str) -> None:
-    logger.info("authentication refused: %s", reason)
-    return None
+class Refused(Exception):
+    """Why a token or session does not authenticate (for logs only)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
