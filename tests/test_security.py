@@ -219,7 +219,7 @@ def test_tokens_and_session_keys_never_reach_the_log(worker):
     assert token not in log
     assert token.split(":")[0] not in log
     assert web.session.session_key not in log
-    assert "authentication refused: token unknown or already used" in log
+    assert "closed 4401: authentication failed (token unknown or already used)" in log
 
 
 def test_client_ip_from_trusted_proxy_only(transactional_db):
