@@ -10,7 +10,7 @@ from django.db import connections
 
 from realtime.conf import settings
 
-__all__ = ["check_database", "check_session_engine", "check_settings"]
+__all__ = ["check_database", "check_session_engine", "check_settings", "check_topic_policy"]
 
 
 @checks.register(checks.Tags.database, deploy=False)
@@ -48,6 +48,27 @@ def check_session_engine(app_configs: Any = None, **kwargs: Any) -> list[checks.
                 "sessions in signed cookies: the websocket worker cannot verify them.",
                 hint="Use the db, cache or cached_db session engine.",
                 id="realtime.E003",
+            )
+        ]
+    return []
+
+
+@checks.register()
+def check_topic_policy(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """realtime.E004: TOPIC_POLICY names an importable callable."""
+    from realtime.topics import load_policy
+
+    path = settings.TOPIC_POLICY
+    if path is None:
+        return []
+    try:
+        load_policy(path)
+    except (ImportError, TypeError) as exc:
+        return [
+            checks.Error(
+                f"REALTIME['TOPIC_POLICY'] = {path!r} cannot be used: {exc}.",
+                hint="Point it at a function can_subscribe(user, topic) -> bool, e.g. 'myapp.realtime.can_subscribe'.",
+                id="realtime.E004",
             )
         ]
     return []

@@ -40,6 +40,9 @@ DEFAULTS: dict[str, Any] = {
     # Topic policy: fnmatch pattern -> permission required to subscribe
     # ("app_label.codename"), or None for any authenticated user.
     "TOPICS": {"*": None},
+    # Or a dotted path to can_subscribe(user, topic) -> bool, which then
+    # decides instead of TOPICS (run in a thread: it may use the ORM).
+    "TOPIC_POLICY": None,
     # Events are kept this many seconds for resume; older ones are pruned and
     # a client whose cursor is older receives {"type": "reset"}.
     "RETENTION": 24 * 3600,
@@ -156,6 +159,9 @@ class Settings:
                 f"REALTIME['PRESENCE_TOPICS'] must be a list of topic patterns (non-empty str), not {patterns!r}."
             )
             values["PRESENCE_TOPICS"] = DEFAULTS["PRESENCE_TOPICS"]
+        if values["TOPIC_POLICY"] is not None and not isinstance(values["TOPIC_POLICY"], str):
+            self.errors.append("REALTIME['TOPIC_POLICY'] must be None or a dotted path to can_subscribe(user, topic).")
+            values["TOPIC_POLICY"] = None
         if not isinstance(values["TOPICS"], dict):
             self.errors.append("REALTIME['TOPICS'] must be a dict of pattern -> permission or None.")
             values["TOPICS"] = DEFAULTS["TOPICS"]

@@ -44,7 +44,7 @@ from realtime.presence import PresenceTracker
 from realtime.protocol import CloseCode, State
 from realtime.ratelimit import TokenBucket
 from realtime.registry import Client, Registry, matches
-from realtime.topics import can_subscribe
+from realtime.topics import may_subscribe
 
 __all__ = ["Worker", "wait_for_stop_signal"]
 
@@ -231,16 +231,15 @@ class Worker:
             return
         self.metrics.authentications.labels("accepted").inc()
         client = Client(ws, identity, remote)
-        for topic in auth.topics:
-            if can_subscribe(identity, topic):
-                self.registry.subscribe(client, topic)
-                self.presence.subscribed(client, topic)
-        # Register before reading the replay: live events from here on queue
-        # in client.pending, the replay covers (last_id, start].
+        allowed_topics = [topic for topic in auth.topics if await may_subscribe(identity, topic)]
+        # Register before reading the replay, with no await in between: live events
+        # from here on queue in client.pending, the replay covers (last_id, start].
         start = self.listener.cursor or 0
         client.cursor = start
         self.registry.add(client)
-        self.presence.joined(client)
+        for topic in allowed_topics:
+            self.registry.subscribe(client, topic)
+        self.presence.joined(client)  # with its topics
         logger.info("%s authenticated as user %d (%s)", remote, identity.user_id, identity.username)
         try:
             await ws.send(protocol.encode_welcome(identity.user_id, identity.username, start))
@@ -322,7 +321,7 @@ class Worker:
         if isinstance(parsed, protocol.Ping):
             await ws.send(protocol.encode_pong())
         elif isinstance(parsed, protocol.Subscribe):
-            if can_subscribe(client.identity, parsed.topic):
+            if await may_subscribe(client.identity, parsed.topic):
                 self.registry.subscribe(client, parsed.topic)
                 self.presence.subscribed(client, parsed.topic)
                 await ws.send(protocol.encode_subscribed(parsed.topic, True))
@@ -409,7 +408,7 @@ class Worker:
             return
         self.registry.update_identity(client, identity)
         for topic in list(client.topics):
-            if not can_subscribe(identity, topic):
+            if not await may_subscribe(identity, topic):
                 self.registry.unsubscribe(client, topic)
                 self.presence.unsubscribed(client, topic)
 

@@ -1,26 +1,70 @@
 """Who may subscribe to a topic.
 
-``REALTIME["TOPICS"]`` maps fnmatch patterns to the permission a user needs
-to subscribe (``"app_label.codename"``) or None for any authenticated user.
-The first pattern that matches decides; a topic no pattern matches is
-refused. The default, ``{"*": None}``, lets every authenticated user
-subscribe to every topic: publish with ``topic=`` only what any logged-in
-user may see, or configure patterns.
+By default ``REALTIME["TOPICS"]`` decides: it maps fnmatch patterns to the
+permission a user needs to subscribe (``"app_label.codename"``) or None for
+any authenticated user. The first pattern that matches decides; a topic no
+pattern matches is refused. The default, ``{"*": None}``, lets every
+authenticated user subscribe to every topic: publish with ``topic=`` only
+what any logged-in user may see, or configure patterns.
+
+``REALTIME["TOPIC_POLICY"]``, a dotted path to ``can_subscribe(user, topic) ->
+bool``, replaces the patterns with your own code (e.g. "is this user a member
+of this chat room?"). It receives the user model instance and runs in the
+worker's thread pool, so it may use the ORM. An exception in it counts as a
+refusal and is logged.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
 from fnmatch import fnmatchcase
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.utils.module_loading import import_string
 
 from realtime.conf import settings
+from realtime.db import run_sync
 from realtime.tokens import Identity
 
-__all__ = ["can_subscribe"]
+__all__ = ["can_subscribe", "load_policy", "may_subscribe"]
+
+logger = logging.getLogger("realtime.topics")
 
 
 def can_subscribe(identity: Identity, topic: str) -> bool:
-    """Return True if ``identity`` may subscribe to ``topic`` (no I/O)."""
+    """Apply the ``TOPICS`` patterns (no I/O)."""
     for pattern, permission in settings.TOPICS.items():
         if fnmatchcase(topic, pattern):
             return permission is None or identity.has_perm(permission)
     return False
+
+
+@functools.cache
+def load_policy(path: str) -> Callable[[Any, str], bool]:
+    """Import the ``TOPIC_POLICY`` callable; raise ImportError or TypeError if it is not one."""
+    policy = import_string(path)
+    if not callable(policy):
+        raise TypeError(f"{path} is not callable")
+    return policy
+
+
+def _custom(path: str, user_id: int, topic: str) -> bool:
+    user = get_user_model()._default_manager.filter(pk=user_id, is_active=True).first()
+    if user is None:
+        return False
+    try:
+        return load_policy(path)(user, topic) is True
+    except Exception:
+        logger.exception("TOPIC_POLICY %s failed for user %d and topic %r: refused", path, user_id, topic)
+        return False
+
+
+async def may_subscribe(identity: Identity, topic: str) -> bool:
+    """Return True if ``identity`` may subscribe to ``topic``, by the configured policy."""
+    path = settings.TOPIC_POLICY
+    if path is None:
+        return can_subscribe(identity, topic)
+    return await run_sync(_custom, path, identity.user_id, topic)

@@ -168,3 +168,68 @@ def test_realtime_status_reports_workers_connections_lag_and_outbox(worker):
     assert "Workers: 1 live" in text.getvalue()
     assert "Connections: 1 (1 user(s) online)" in text.getvalue()
     ws.close()
+
+
+def test_e004_for_a_topic_policy_that_cannot_be_imported():
+    """A TOPIC_POLICY that does not import, or is not callable, is a system check error."""
+    from realtime.checks import check_topic_policy
+
+    with override_settings(REALTIME={"TOPIC_POLICY": "tests.topic_policies.nope"}):
+        (error,) = check_topic_policy()
+    assert error.id == "realtime.E004"
+    assert "REALTIME['TOPIC_POLICY'] = 'tests.topic_policies.nope' cannot be used" in error.msg
+    with override_settings(REALTIME={"TOPIC_POLICY": "tests.topic_policies.members_only"}):
+        assert check_topic_policy() == []
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.django_db(transaction=True)
+def test_runwebsockets_listens_on_ipv6():
+    """runwebsockets [::1]:PORT serves websockets and health checks over IPv6."""
+    import json
+    import signal
+    import time
+    import urllib.request
+
+    from websockets.sync.client import connect
+
+    from tests.conftest import ORIGIN, free_port, get_token, logged_in, make_user
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "runwebsockets", f"[::1]:{port}"],
+        cwd=BASE_DIR,
+        env={**os.environ, "DATABASE_URL": database_url_for_tests()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://[::1]:{port}/readyz", timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "no answer on [::1]"
+                time.sleep(0.1)
+        with connect(f"ws://[::1]:{port}/", origin=ORIGIN) as ws:
+            ws.send(json.dumps({"type": "auth", "token": get_token(logged_in(make_user("alice")))}))
+            assert json.loads(ws.recv(10))["type"] == "welcome"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=15)
+    assert f"listening on [::1]:{port}" in output
+    assert "[::1]" in output

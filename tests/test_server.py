@@ -321,3 +321,36 @@ def test_publish_many_is_delivered_in_order(worker):
     events = receive_events(ws, 2000)
     assert [e["data"]["n"] for e in events] == list(range(2000))
     ws.close()
+
+
+def test_custom_topic_policy_runs_with_the_orm(transactional_db):
+    """A TOPIC_POLICY function decides subscriptions with the ORM; one that raises refuses without disconnecting."""
+    from django.contrib.auth.models import Group
+
+    alice = make_user("alice")
+    alice.groups.add(Group.objects.create(name="blue"))
+    worker = start_worker(realtime={"TOPIC_POLICY": "tests.topic_policies.members_only"})
+    try:
+        ws, _ = open_ws(worker, get_token(logged_in(alice)), topics=["room:blue", "room:red"])
+        assert receive(ws) == {"type": "subscribed", "topic": "room:blue"}
+        assert receive(ws) == {"type": "unsubscribed", "topic": "room:red"}
+        ws.send(json.dumps({"type": "subscribe", "topic": "room:red"}))
+        assert receive(ws)["code"] == "forbidden"
+        publish("said", {}, topic="room:red")
+        publish("said", {}, topic="room:blue")
+        (event,) = receive_events(ws, 1)
+        assert event["topic"] == "room:blue"
+        ws.close()
+    finally:
+        worker.stop()
+    broken = start_worker(realtime={"TOPIC_POLICY": "tests.topic_policies.broken"})
+    try:
+        ws, _ = open_ws(broken, get_token(logged_in(alice)))
+        ws.send(json.dumps({"type": "subscribe", "topic": "room:blue"}))
+        assert receive(ws)["code"] == "forbidden"
+        ws.send(json.dumps({"type": "ping"}))
+        assert receive(ws) == {"type": "pong"}
+        ws.close()
+    finally:
+        broken.stop()
+    assert "TOPIC_POLICY tests.topic_policies.broken failed" in broken.log()
