@@ -10,7 +10,7 @@ from django.db import connections
 
 from realtime.conf import settings
 
-__all__ = ["check_database", "check_session_engine", "check_settings", "check_topic_policy"]
+__all__ = ["check_database", "check_origins", "check_session_engine", "check_settings", "check_topic_policy"]
 
 
 @checks.register(checks.Tags.database, deploy=False)
@@ -69,6 +69,21 @@ def check_topic_policy(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
                 f"REALTIME['TOPIC_POLICY'] = {path!r} cannot be used: {exc}.",
                 hint="Point it at a function can_subscribe(user, topic) -> bool, e.g. 'myapp.realtime.can_subscribe'.",
                 id="realtime.E004",
+            )
+        ]
+    return []
+
+
+@checks.register(deploy=True)
+def check_origins(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """realtime.W002 (deploy): an Origin allow-list can be derived."""
+    if settings.ALLOWED_ORIGINS is None and "*" in django_settings.ALLOWED_HOSTS:
+        return [
+            checks.Warning(
+                "ALLOWED_HOSTS contains '*', so the websocket worker accepts every Origin "
+                "(no defence against cross-site websocket hijacking besides the token).",
+                hint="Set REALTIME['ALLOWED_ORIGINS'] to your site's origins, e.g. ['https://example.com'].",
+                id="realtime.W002",
             )
         ]
     return []

@@ -23,6 +23,7 @@ import http.cookiejar
 import json
 import random
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -150,6 +151,13 @@ class RealtimeClient:
         self._attempt += 1
         try:
             token = self.get_token()
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise AuthenticationFailed(f"the token endpoint answered {exc.code}: log in again") from None
+            return
+        except OSError:
+            return
+        try:
             ws = connect(self.url, open_timeout=5, max_size=None, legacy=True, origin=self.origin)
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             if isinstance(exc, InvalidURI):

@@ -8,6 +8,7 @@ case). It is reloaded when Django's ``setting_changed`` signal fires, so
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 from django.conf import settings as django_settings
@@ -92,9 +93,14 @@ _POSITIVE_INTS = (
     "MAX_BUFFER",
     "BATCH_SIZE",
     "THREADS",
+    "MESSAGE_BURST",
+    "MESSAGES_PER_MINUTE",
+    "MAX_CONNECTIONS_PER_USER",
+    "MAX_CONNECTIONS",
 )
 _SECONDS = (
     "AUTH_TIMEOUT",
+    "CLOSE_TIMEOUT",
     "PING_INTERVAL",
     "PING_TIMEOUT",
     "PRUNE_INTERVAL",
@@ -141,6 +147,21 @@ class Settings:
         ):
             self.errors.append("REALTIME['ALLOWED_ORIGINS'] must be None or a list of origins (str) and None.")
             values["ALLOWED_ORIGINS"] = DEFAULTS["ALLOWED_ORIGINS"]
+        for origin in values["ALLOWED_ORIGINS"] or ():
+            if isinstance(origin, str) and origin.startswith("^"):
+                try:
+                    re.compile(origin)
+                except re.error as exc:
+                    self.errors.append(
+                        f"REALTIME['ALLOWED_ORIGINS'] pattern {origin!r} is not a regular expression: {exc}."
+                    )
+                    values["ALLOWED_ORIGINS"] = DEFAULTS["ALLOWED_ORIGINS"]
+                    break
+        if values["URL"] is not None and (
+            not isinstance(values["URL"], str) or not values["URL"].startswith(("ws://", "wss://"))
+        ):
+            self.errors.append(f"REALTIME['URL'] must be None or a ws:// or wss:// URL, not {values['URL']!r}.")
+            values["URL"] = None
         proxies = values["TRUSTED_PROXIES"]
         try:
             for proxy in proxies:

@@ -42,7 +42,7 @@ def allowed_origins() -> list[str | re.Pattern[str] | None] | None:
     for host in django_settings.ALLOWED_HOSTS:
         pattern = _host_pattern(host)
         if pattern is None:
-            return None  # ALLOWED_HOSTS = ["*"]: no restriction to derive (check W002 says so)
+            return None  # ALLOWED_HOSTS = ["*"]: nothing to derive (deploy check realtime.W002 says so)
         patterns.append(re.compile(rf"^https?://{pattern}{_HOST}$", re.IGNORECASE))
     for origin in getattr(django_settings, "CSRF_TRUSTED_ORIGINS", []):
         if "*" in origin:

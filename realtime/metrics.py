@@ -20,7 +20,10 @@ class Metrics:
         self.events = Counter("realtime_events_routed", "Events routed to at least one client.", registry=r)
         self.frames = Counter("realtime_frames_sent", "Event frames sent to clients.", registry=r)
         self.dropped = Counter(
-            "realtime_frames_dropped", "Frames not sent because the client was closed for being slow.", registry=r
+            "realtime_frames_dropped", "Event frames not sent because their client was too slow.", registry=r
+        )
+        self.slow_closed = Counter(
+            "realtime_slow_clients_closed", "Clients closed with 1013 for not keeping up.", registry=r
         )
         self.listener_up = Gauge("realtime_listener_up", "1 while the LISTEN connection is up.", registry=r)
         self.lag = Histogram(

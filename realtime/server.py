@@ -370,7 +370,9 @@ class Worker:
     def _drop_slow(self, client: Client, reason: str) -> None:
         """Close a client that cannot keep up with 1013; nobody else waits for it."""
         logger.warning("%s user %d closed 1013: %s", client.remote, client.identity.user_id, reason)
-        self.metrics.dropped.inc()
+        self.metrics.slow_closed.inc()
+        # The frame in hand, and whatever was queued for the client, will not be sent.
+        self.metrics.dropped.inc(1 + len(client.pending or ()))
         client.state = State.CLOSED
         self.registry.remove(client)
         self._spawn(client.ws.close(CloseCode.TRY_AGAIN_LATER, "too slow"))

@@ -110,33 +110,33 @@ def _on_user_saved(sender: Any, instance: Any, created: bool, update_fields: Any
     publish_control("realtime.user_changed", {"users": [instance.pk]})
 
 
-def _on_rights_m2m(sender: Any, instance: Any, action: str, reverse: bool, pk_set: Any, **kwargs: Any) -> None:
-    """user.groups, user.user_permissions or group.permissions changed, from either side."""
-    if action not in ("post_add", "post_remove", "post_clear"):
+def _on_rights_m2m(sender: Any, instance: Any, action: str, pk_set: Any, **kwargs: Any) -> None:
+    """user.groups, user.user_permissions or group.permissions changed, from either side.
+
+    Clears are handled before they happen (``pre_clear``), while the affected
+    rows can still be read; the control event commits with the change anyway.
+    """
+    if action not in ("post_add", "post_remove", "pre_clear"):
         return
     User = get_user_model()
+    clearing = action == "pre_clear"
+    users: list[int] = []
+    groups: list[str] = []
     if isinstance(instance, User):
-        publish_control("realtime.user_changed", {"users": [instance.pk]})
+        users = [instance.pk]
     elif isinstance(instance, Group):
-        if sender is User.groups.through:
-            # group.user_set.add(...): pk_set are users (None after clear: re-check the group).
-            if pk_set:
-                publish_control("realtime.user_changed", {"users": sorted(pk_set)})
-            else:
-                publish_control("realtime.user_changed", {"groups": [instance.name]})
-        else:
-            publish_control("realtime.user_changed", {"groups": [instance.name]})
+        if sender is User.groups.through:  # group.user_set changed: those users
+            users = sorted(instance.user_set.values_list("pk", flat=True) if clearing else pk_set or ())
+        else:  # group.permissions changed: its members
+            groups = [instance.name]
     elif isinstance(instance, Permission):
-        # permission.user_set / permission.group_set changed: pk_set are users or groups.
-        if pk_set is None:
-            # clear() from the permission side: whoever held it directly or through a group.
-            users = sorted(User.objects.filter(user_permissions=instance).values_list("pk", flat=True))
-            publish_control("realtime.user_changed", {"users": users, "all": True})
-        elif sender is User.user_permissions.through:
-            publish_control("realtime.user_changed", {"users": sorted(pk_set)})
-        else:
-            names = sorted(Group.objects.filter(pk__in=pk_set).values_list("name", flat=True))
-            publish_control("realtime.user_changed", {"groups": names})
+        if sender is User.user_permissions.through:  # permission.user_set changed
+            users = sorted(instance.user_set.values_list("pk", flat=True) if clearing else pk_set or ())
+        else:  # permission.group_set changed: the members of those groups
+            group_ids = instance.group_set.values_list("pk", flat=True) if clearing else pk_set or ()
+            groups = sorted(Group.objects.filter(pk__in=group_ids).values_list("name", flat=True))
+    if users or groups:
+        publish_control("realtime.user_changed", {"users": users, "groups": groups})
 
 
 def _on_group_changed(sender: Any, instance: Group, created: bool = False, **kwargs: Any) -> None:

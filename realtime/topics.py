@@ -52,10 +52,10 @@ def load_policy(path: str) -> Callable[[Any, str], bool]:
 
 
 def _custom(path: str, user_id: int, topic: str) -> bool:
-    user = get_user_model()._default_manager.filter(pk=user_id, is_active=True).first()
-    if user is None:
-        return False
     try:
+        user = get_user_model()._default_manager.filter(pk=user_id).first()
+        if user is None or not getattr(user, "is_active", True):
+            return False
         return load_policy(path)(user, topic) is True
     except Exception:
         logger.exception("TOPIC_POLICY %s failed for user %d and topic %r: refused", path, user_id, topic)

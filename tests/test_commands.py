@@ -53,6 +53,22 @@ def test_e002_for_bad_settings():
         "REALTIME['AUTH_TIMEOUT'] must be a positive number of seconds, not 0.",
     ]
     assert check_settings() == []  # override undone, settings reloaded
+    with override_settings(REALTIME={"MESSAGE_BURST": 0, "ALLOWED_ORIGINS": ["^(unclosed"], "URL": "http://x/"}):
+        messages = [m.msg for m in check_settings()]
+    assert messages[0] == "REALTIME['MESSAGE_BURST'] must be a positive integer, not 0."
+    assert messages[1].startswith("REALTIME['ALLOWED_ORIGINS'] pattern '^(unclosed' is not a regular expression")
+    assert messages[2] == "REALTIME['URL'] must be None or a ws:// or wss:// URL, not 'http://x/'."
+
+
+def test_w002_when_every_host_is_allowed_and_no_origins_are_set():
+    """With ALLOWED_HOSTS = ['*'] and no ALLOWED_ORIGINS, the deploy check warns."""
+    from realtime.checks import check_origins
+
+    with override_settings(ALLOWED_HOSTS=["*"]):
+        (warning,) = check_origins()
+        assert warning.id == "realtime.W002"
+        with override_settings(REALTIME={"ALLOWED_ORIGINS": ["https://example.com"]}):
+            assert check_origins() == []
 
 
 @pytest.mark.parametrize(
