@@ -195,3 +195,14 @@ def assert_silent(ws: ClientConnection, wait: float = 0.5) -> None:
     except TimeoutError:
         return
     raise AssertionError(f"unexpected message: {message}")
+
+
+def closed_code(ws: ClientConnection) -> int:
+    """Read until the server closes ``ws``; return the close code it sent."""
+    from websockets.exceptions import ConnectionClosed
+
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            ws.recv(WAIT)
+    assert info.value.rcvd is not None, "closed without a close frame"
+    return info.value.rcvd.code

@@ -20,6 +20,7 @@ from tests.conftest import (
     ORIGIN,
     WAIT,
     assert_silent,
+    closed_code,
     get_token,
     logged_in,
     make_user,
@@ -31,13 +32,6 @@ from tests.conftest import (
 from tests.rawws import raw_connect, send_text
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def closed_code(ws) -> int:
-    with pytest.raises(ConnectionClosed) as info:
-        while True:
-            ws.recv(WAIT)
-    return info.value.rcvd.code
 
 
 def auth(ws, token: str) -> dict:

@@ -7,7 +7,6 @@ import threading
 
 import pytest
 from django.db import transaction
-from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from realtime import publish
@@ -16,6 +15,7 @@ from tests.conftest import (
     ORIGIN,
     WAIT,
     assert_silent,
+    closed_code,
     get_token,
     logged_in,
     make_user,
@@ -26,14 +26,6 @@ from tests.conftest import (
 )
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def closed_code(ws) -> int:
-    """Wait for the server to close ``ws`` and return the close code."""
-    with pytest.raises(ConnectionClosed) as info:
-        while True:
-            ws.recv(WAIT)
-    return info.value.rcvd.code
 
 
 def test_welcome_then_committed_event_exactly_once(worker):
