@@ -111,6 +111,7 @@ class Worker:
             "ping_interval": settings.PING_INTERVAL,
             "ping_timeout": settings.PING_TIMEOUT,
             "close_timeout": settings.CLOSE_TIMEOUT,
+            "compression": settings.COMPRESSION,
             **serve_kwargs,
         }
         try:
