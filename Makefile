@@ -37,3 +37,23 @@ pg-stop: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# make bench       : this project against Django Channels on this machine (about 20 minutes);
+#                    writes bench/results/results.md and plot.png and prints the table.
+# make bench-smoke : the benchmark harness at tiny sizes against this project only (seconds).
+BENCH_STAMP := $(VENV)/.bench-installed
+
+.PHONY: bench bench-smoke
+
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	@command -v redis-server >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } \
+		|| echo "warning: redis-server is not installed: the Channels + Redis rows will be skipped" >&2
+	$(PY) -m bench
+
+bench-smoke: $(STAMP)
+	$(PY) -m pytest -q tests/test_bench_smoke.py

@@ -1,0 +1,413 @@
+"""Turn benchmark results into a Markdown table (with ratios to Channels), results.md and plot.png.
+
+``table()`` is what ``make bench`` prints; ``write()`` writes ``results.json``,
+``results.md`` (the machine, the table, the method and the notes) and, when
+``plot`` is true, ``plot.png`` (matplotlib is imported only there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Row", "rows", "table", "write"]
+
+OURS = "ours"
+CHANNELS = ("channels-redis", "channels-postgres")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: how to read a value from a system's results, and what "better" means."""
+
+    key: str
+    label: str
+    unit: str
+    lower_is_better: bool
+    target: str
+    value: Callable[[dict[str, Any]], float | None]
+    # Returns True/False when this project's value meets the target (ratios: see met()).
+    check: Callable[[float], bool] | None = None
+    min_ratio: float | None = None  # also needs this many times better than every Channels system
+
+
+def _get(data: dict[str, Any], *path: str) -> Any:
+    for part in path:
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not (isinstance(value, float) and math.isnan(value)):
+        return float(value)
+    return None
+
+
+def _per_gib(system: dict[str, Any]) -> float | None:
+    per = _number(_get(system, "idle", "bytes_per_connection"))
+    return 2**30 / per if per and per > 0 else None
+
+
+def _fanout(size: int) -> Callable[[dict[str, Any]], float | None]:
+    def value(system: dict[str, Any]) -> float | None:
+        entry = _get(system, "fanout", str(size))
+        return _number(entry["median_ms"]) if entry and entry.get("complete") else None
+
+    return value
+
+
+def _capacity_fanout(system: dict[str, Any]) -> float | None:
+    entry = _get(system, "capacity", "fanout")
+    return _number(entry["median_ms"]) if entry and entry.get("complete") else None
+
+
+def rows(sizes: dict[str, Any]) -> list[Row]:
+    """The table's rows for a run of these sizes."""
+    fanouts = sizes.get("fanout") or []
+    result = [
+        Row(
+            "a",
+            f"(a) Memory per idle connection, {sizes['idle']:,} connections",
+            "KiB",
+            True,
+            "≤ 16",
+            lambda s: (lambda v: v / 1024 if v is not None else None)(_number(_get(s, "idle", "bytes_per_connection"))),
+            lambda v: v <= 16,
+        ),
+        Row("a/GiB", "(a) Idle connections per GiB of server memory", "", False, "≥ 3x Channels", _per_gib, None, 3.0),
+    ]
+    for size in fanouts:
+        target = "≤ 120" if size == 10_000 else ""
+        result.append(
+            Row(
+                f"b{size}",
+                f"(b) One event to {size:,} connections, until the last has it",
+                "ms",
+                True,
+                target,
+                _fanout(size),
+                (lambda v: v <= 120) if size == 10_000 else None,
+            )
+        )
+    rate, users = sizes["latency_rate"], sizes["latency_users"]
+    result += [
+        Row(
+            "c50",
+            f"(c) Commit → receipt p50, {rate:,.0f} events/s over {users:,} users",
+            "ms",
+            True,
+            "≤ 1.5",
+            lambda s: _number(_get(s, "latency", "p50_ms")) if _get(s, "latency", "lost") == 0 else None,
+            lambda v: v <= 1.5,
+        ),
+        Row(
+            "c99",
+            "(c) Commit → receipt p99",
+            "ms",
+            True,
+            "≤ 5 and ≥ 10x Channels",
+            lambda s: _number(_get(s, "latency", "p99_ms")) if _get(s, "latency", "lost") == 0 else None,
+            lambda v: v <= 5,
+            10.0,
+        ),
+        Row(
+            "cmax",
+            "(c) Commit → receipt max",
+            "ms",
+            True,
+            "",
+            lambda s: _number(_get(s, "latency", "max_ms")) if _get(s, "latency", "lost") == 0 else None,
+        ),
+        Row(
+            "d1",
+            f"(d) Publish rate sustained {sizes['rate_seconds']:.0f} s with no loss, single events",
+            "events/s",
+            False,
+            "≥ 5,000",
+            lambda s: _number(_get(s, "rate_single", "rate")),
+            lambda v: v >= 5_000,
+        ),
+        Row(
+            "d2",
+            f"(d) Same, batched ({sizes['batch_size']} per commit / concurrent sends)",
+            "events/s",
+            False,
+            "≥ 50,000",
+            lambda s: _number(_get(s, "rate_batched", "rate")),
+            lambda v: v >= 50_000,
+        ),
+        Row(
+            "e",
+            "(e) New authenticated connections per second, one process",
+            "/s",
+            False,
+            "≥ 1,000",
+            lambda s: _number(_get(s, "connect", "rate")),
+            lambda v: v >= 1_000,
+        ),
+        Row(
+            "f",
+            f"(f) Connections held by {sizes['capacity_workers']} processes (tried {sizes['capacity']:,})",
+            "",
+            False,
+            f"≥ {sizes['capacity']:,}",
+            lambda s: _number(_get(s, "capacity", "held")),
+            lambda v: v >= sizes["capacity"],
+        ),
+        Row(
+            "f/fan-out",
+            "(f) One event to all of them, until the last has it",
+            "ms",
+            True,
+            "≤ 1,000",
+            _capacity_fanout,
+            lambda v: v <= 1_000,
+        ),
+    ]
+    return result
+
+
+def _format(value: float | None, unit: str) -> str:
+    if value is None:
+        return "—"
+    if unit == "ms" and value < 10:
+        text = f"{value:.2f}"
+    elif unit in ("ms", "KiB") and value < 100:
+        text = f"{value:.1f}"
+    else:
+        text = f"{value:,.0f}"
+    return f"{text} {unit}".strip() if unit not in ("", "/s", "events/s") else text
+
+
+def _ratio(row: Row, ours: float | None, other: float | None) -> float | None:
+    if ours is None or other is None or ours <= 0 or other <= 0:
+        return None
+    return other / ours if row.lower_is_better else ours / other
+
+
+def _ratio_text(ratio: float | None) -> str:
+    if ratio is None:
+        return "—"
+    return f"{ratio:,.1f}x better" if ratio >= 1 else f"{1 / ratio:,.1f}x worse"
+
+
+def met(row: Row, results: dict[str, Any]) -> str:
+    """Whether this project's value meets the row's target: "yes", "no" or "" (no target / no value)."""
+    systems = results["systems"]
+    ours = row.value(systems[OURS]) if OURS in systems else None
+    if row.check is None and row.min_ratio is None:
+        return ""
+    if ours is None:
+        return "no"
+    ok = row.check(ours) if row.check is not None else True
+    if row.min_ratio is not None:
+        ratios = [_ratio(row, ours, row.value(systems[key])) for key in CHANNELS if key in systems]
+        ratios = [r for r in ratios if r is not None]
+        ok = ok and bool(ratios) and min(ratios) >= row.min_ratio
+    return "yes" if ok else "no"
+
+
+def table(results: dict[str, Any]) -> str:
+    """The Markdown table: one row per metric, one column per system, the ratio to each Channels system."""
+    systems = results["systems"]
+    present = [key for key in CHANNELS if key in systems]
+    header = ["Workload", "Target", "This project"]
+    for key in present:
+        header += [systems[key]["label"], "ratio"]
+    header.append("Target met")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for row in rows(results["sizes"]):
+        ours = row.value(systems[OURS]) if OURS in systems else None
+        cells = [row.label, row.target, _format(ours, row.unit)]
+        for key in present:
+            other = row.value(systems[key])
+            cells += [_format(other, row.unit), _ratio_text(_ratio(row, ours, other))]
+        cells.append(met(row, results))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _trial_text(t: dict[str, Any]) -> str:
+    pace = f"paced at {t['target_rate']:,.0f}/s" if t["target_rate"] else "as fast as possible"
+    duplicates = f", {t['duplicates']:,} duplicates" if t["duplicates"] else ""
+    return (
+        f"{pace}: {t['publish_rate']:,.0f}/s for {t['seconds']:.0f} s, {t['lost']:,} missing{duplicates}, "
+        f"last {t['drain_s']:.2f} s after the end (server {t['server_busy']:.0%}, busiest client "
+        f"{t['client_busy']:.0%} of a core) {'sustained' if t['ok'] else 'NOT sustained'}"
+    )
+
+
+def _notes(results: dict[str, Any]) -> list[str]:
+    notes = []
+    for key, why in results.get("skipped", {}).items():
+        notes.append(f"{key}: skipped: {why}.")
+    for system in results["systems"].values():
+        label = system["label"]
+        for field in ("error", "capacity_error", "capacity_skipped"):
+            if system.get(field):
+                notes.append(f"{label}: {field.replace('_', ' ')}: {system[field]}.")
+        connect = system.get("connect")
+        if connect:
+            failures = ", ".join(f"{n:,} {r}" for r, n in connect["failures"].items()) or "none"
+            notes.append(
+                f"{label}: (e) {connect['ok']:,}/{connect['requested']:,} connections in {connect['seconds']:.1f} s; "
+                f"failures: {failures}; busiest load-client process at {connect['client_busy']:.0%} of a core."
+            )
+        idle = system.get("idle")
+        if idle:
+            notes.append(
+                f"{label}: (a) server RSS {idle['rss_before'] / 2**20:,.0f} → {idle['rss_after'] / 2**20:,.0f} MiB "
+                f"for {idle['connections']:,} connections, which kept the server {idle['idle_cpu']:.0%} busy while "
+                f"idle (keepalive pings, background work); permessage-deflate negotiated on "
+                f"{idle['deflate_negotiated']:,} of them (the client offers it, as browsers do)."
+            )
+        for size, entry in (system.get("fanout") or {}).items():
+            if not entry.get("complete"):
+                notes.append(f"{label}: (b) fan-out to {int(size):,} incomplete: received {entry['received']}.")
+        latency = system.get("latency")
+        if latency:
+            notes.append(
+                f"{label}: (c) {latency['published']:,} events at {latency['rate']:,.0f}/s, "
+                f"{latency['received']:,} received, {latency['lost']:,} lost, {latency['duplicates']:,} duplicates; "
+                f"busiest load-client process at {latency['client_busy']:.0%}."
+            )
+        for mode in ("single", "batched"):
+            entry = system.get(f"rate_{mode}")
+            if not entry:
+                continue
+            trials = "; ".join(_trial_text(t) for t in entry["trials"])
+            notes.append(f"{label}: (d) {mode}, {entry['publishers']} publisher processes: {trials}.")
+        capacity = system.get("capacity")
+        if capacity:
+            failures = ", ".join(f"{n:,} {r}" for r, n in capacity["failures"].items()) or "none"
+            closed = ", ".join(f"{n:,} with {code}" for code, n in capacity["server_closed"].items()) or "none"
+            times = ", ".join(f"{t:,.0f}" for t in capacity["fanout"]["times_ms"])
+            notes.append(
+                f"{label}: (f) {capacity['connected']:,}/{capacity['requested']:,} connected in "
+                f"{capacity['seconds']:.0f} s ({capacity['rate']:,.0f}/s; busiest load-client process at "
+                f"{capacity.get('client_busy', 0):.0%} of a core), {capacity['held']:,} still open after "
+                f"the fan-out; server RSS {capacity['rss'] / 2**30:,.2f} GiB, {capacity['idle_cpu']:.0%} of a core "
+                f"busy while idle; failures: {failures}; "
+                f"closed by the server: {closed}; fan-out times {times} ms."
+            )
+    return notes
+
+
+METHOD = """\
+How it is measured (see bench/harness.py): every server runs on this machine, on loopback, against the same
+PostgreSQL (a database of its own, `realtime_bench`). One load client for all: 4+ processes of asyncio
+connections written directly on `asyncio.Protocol` (a browser-like handshake with `Origin` and an offer of
+permessage-deflate; our clients send the token message, Channels clients the session cookie), bound to
+127.0.0.1, 127.0.0.2, ... (20,000 connections per source address). Times are wall-clock (`time.time()`)
+across processes of one machine. Commit → receipt: for this project, from the moment the publisher's COMMIT
+returned; for Channels, from the moment `group_send()` was called (as from `transaction.on_commit()`), so the
+commit itself is not counted for Channels. Publish rates: this project writes every event to the outbox in a
+transaction (`publish()` in `atomic()`, or `publish_many()`); Channels' publishers only call `group_send()`
+(no database write; "batched" = concurrent sends). Each server's open-files limit is raised the same way.
+All processes share the 2 cores: the servers, PostgreSQL, Redis, the publishers and the load client."""
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """results.md: the machine, the table, the method and the notes."""
+    m = results["machine"]
+    versions = ", ".join(f"{name} {version}" for name, version in m["versions"].items())
+    load = ", ".join(f"{x:.2f}" for x in m["load_average_at_start"])
+    parts = [
+        "# Benchmark: this project against Django Channels",
+        "",
+        f"Run on {m['date']} by `make bench` in {results.get('duration_s', 0) / 60:.1f} minutes.",
+        "",
+        f"- Machine: {m['cores']} cores ({m['cpu'] or 'unknown CPU'}), {m['memory_bytes'] / 2**30:.1f} GiB RAM, "
+        f"Linux {m['kernel']}; load average at start {load}",
+        f"- Python {m['python']}, PostgreSQL {m['postgresql']}",
+        f"- {versions}",
+        "",
+        table(results),
+        "",
+        "Ratios are how many times better this project is than each Channels setup on that row "
+        "(lower times and memory, higher rates and counts are better). — means not measured or not reached "
+        "(see the notes).",
+        "",
+        "## Method",
+        "",
+        METHOD,
+        "",
+        "## Notes",
+        "",
+        *[f"- {note}" for note in _notes(results)],
+        "",
+        "![Benchmark plot](plot.png)",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def write(results: dict[str, Any], out_dir: Path, *, plot: bool = True) -> None:
+    """Write results.json, results.md and (``plot``) plot.png into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out_dir / "results.md").write_text(markdown(results))
+    if plot:
+        draw(results, out_dir / "plot.png")
+
+
+def draw(results: dict[str, Any], path: Path) -> None:
+    """Bar charts of the main rows, one panel per workload, one bar per system (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = results["systems"]
+    keys = [key for key in (OURS, *CHANNELS) if key in systems]
+    by_key = {row.key: row for row in rows(results["sizes"])}
+    fanouts = [f"b{size}" for size in results["sizes"].get("fanout") or []]
+    panels = [
+        ("(a) memory per idle connection", ["a"], ["KiB"], "KiB (lower is better)", False),
+        ("(b) fan-out, until the last client", fanouts, [k[1:] for k in fanouts], "ms (lower is better)", True),
+        ("(c) commit → receipt latency", ["c50", "c99", "cmax"], ["p50", "p99", "max"], "ms (lower is better)", True),
+        ("(d) sustained publish rate", ["d1", "d2"], ["single", "batched"], "events/s (higher is better)", True),
+        ("(e) new authenticated connections", ["e"], ["per second"], "connections/s (higher is better)", False),
+        ("(f) two processes: held / fan-out", ["f", "f/fan-out"], ["held", "fan-out ms"], "count / ms", True),
+    ]
+    colors = {"ours": "#2a7ab9", "channels-redis": "#d9534f", "channels-postgres": "#f0ad4e"}
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    for axis, (title, row_keys, names, ylabel, log) in zip(axes.flat, panels, strict=True):
+        width = 0.8 / max(len(keys), 1)
+        for index, key in enumerate(keys):
+            values = [by_key[r].value(systems[key]) if r in by_key else None for r in row_keys]
+            positions = [i + (index - (len(keys) - 1) / 2) * width for i in range(len(row_keys))]
+            heights = [v if v is not None else 0 for v in values]
+            bars = axis.bar(positions, heights, width, label=systems[key]["label"], color=colors.get(key))
+            for bar, value in zip(bars, values, strict=True):
+                text = "n/a" if value is None else (f"{value:,.0f}" if value >= 100 else f"{value:.3g}")
+                axis.annotate(
+                    text,
+                    (bar.get_x() + bar.get_width() / 2, max(bar.get_height(), 1e-9)),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    rotation=90 if len(keys) > 2 else 0,
+                )
+        axis.set_xticks(range(len(row_keys)), names)
+        axis.set_title(title, fontsize=10)
+        axis.set_ylabel(ylabel, fontsize=8)
+        if log:
+            axis.set_yscale("log")
+        axis.margins(y=0.25)
+    axes.flat[0].legend(fontsize=8)
+    m = results["machine"]
+    figure.suptitle(
+        f"This project vs Django Channels — {m['cores']} cores, Python {m['python']}, "
+        f"PostgreSQL {m['postgresql']}, {m['date']}",
+        fontsize=11,
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
