@@ -203,6 +203,7 @@ class Bench:
     # Starting systems.
 
     def start(self, system: System, workers: int) -> list[Server]:
+        """Start ``system`` with ``workers`` server processes (ours: one port; daphne: one port each); return them."""
         if system.kind == "ours":
             return [
                 start_ours(self.database_url, self.log_dir, workers=workers, settings_module=system.settings_module)
@@ -250,6 +251,10 @@ class Bench:
         budget: float = 600.0,
         first_index: int = 0,
     ) -> ConnectResult:
+        """Open one connection per owner (tokens minted now for ours); print and return the outcome.
+
+        ``first_index`` continues the source-address numbering of connections already open.
+        """
         specs = self.specs(system, servers, owners)
         if first_index:
             specs = [(p, source_address(first_index + i), h, f) for i, (p, _, h, f) in enumerate(specs)]

@@ -100,9 +100,11 @@ class Server:
         return total
 
     def alive(self) -> bool:
+        """Return True while the main process runs."""
         return self.process.poll() is None
 
     def log_tail(self, lines: int = 30) -> str:
+        """Return the last ``lines`` lines of the server's log (for error messages)."""
         with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
