@@ -146,12 +146,25 @@ class Worker:
             await self.presence.close()
 
     async def _revalidate_forever(self) -> None:
-        """Re-check every open connection's session now and then (catches any session deletion)."""
+        """Re-check every open session now and then (catches any session deletion)."""
         while True:
             await asyncio.sleep(settings.REVALIDATE_INTERVAL * random.uniform(0.9, 1.1))
-            for client in list(self.registry.clients):
-                # One at a time: this is background hygiene, not a burst on the database.
-                await self._refresh(client)
+            sessions: dict[tuple[str, int], list[Client]] = {}
+            for client in self.registry.clients:
+                key = (client.identity.session_key, client.identity.user_id)
+                sessions.setdefault(key, []).append(client)
+            # One session at a time (not one connection): background hygiene, not a burst.
+            for (session_key, user_id), clients in sessions.items():
+                clients = [client for client in clients if client.state is not State.CLOSED]
+                if not clients:
+                    continue
+                try:
+                    identity = await run_sync(tokens.identity_for_session, session_key, user_id)
+                except DatabaseError as exc:
+                    logger.warning("cannot re-check sessions now, will retry: %s", exc)
+                    break
+                for client in clients:
+                    await self._apply_identity(client, identity)
 
     async def _prune_forever(self) -> None:
         """Prune expired events now and then; several workers doing so is harmless."""
@@ -403,10 +416,14 @@ class Worker:
         except DatabaseError as exc:
             logger.warning("cannot re-check user %d now, keeping their rights: %s", old.user_id, exc)
             return
+        await self._apply_identity(client, identity)
+
+    async def _apply_identity(self, client: Client, identity: tokens.Identity | None) -> None:
+        """Give ``client`` its re-read rights, or close it with 4401 when there are none."""
         if client.state is State.CLOSED:
             return
         if identity is None:
-            logger.info("%s user %d: access revoked, closing 4401", client.remote, old.user_id)
+            logger.info("%s user %d: access revoked, closing 4401", client.remote, client.identity.user_id)
             await client.ws.close(CloseCode.AUTH_FAILED, "access revoked")
             return
         self.registry.update_identity(client, identity)
