@@ -18,7 +18,6 @@ exits when the pipe closes. Nothing at module level imports Django.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -28,6 +27,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
+
+from bench.loadclient import stop_children
 
 __all__ = ["AgentPool"]
 
@@ -279,20 +280,7 @@ class AgentPool:
 
     def close(self) -> None:
         """Stop every agent (idempotent)."""
-        for pipe in self.pipes:
-            with contextlib.suppress(Exception):
-                pipe.send(("exit", {}))
-        for process in self.processes:
-            process.join(5)
-            if process.is_alive():
-                process.terminate()
-                process.join(2)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        for pipe in self.pipes:
-            with contextlib.suppress(Exception):
-                pipe.close()
+        stop_children(self.pipes, self.processes)
         self.pipes, self.processes = [], []
 
     def send(self, index: int, name: str, **args: Any) -> None:

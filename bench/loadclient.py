@@ -563,20 +563,7 @@ class LoadClient:
             self.processes.append(process)
 
     def stop(self) -> None:
-        for pipe in self.pipes:
-            with contextlib.suppress(Exception):
-                pipe.send(("exit", {}))
-        for process in self.processes:
-            process.join(5)
-            if process.is_alive():
-                process.terminate()
-                process.join(2)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        for pipe in self.pipes:
-            with contextlib.suppress(Exception):
-                pipe.close()
+        stop_children(self.pipes, self.processes)
         self.pipes, self.processes = [], []
 
     def process_of(self, index: int) -> int:
@@ -695,3 +682,21 @@ class LoadClient:
         rate = per_second / self.count
         self._call_all("close", {"per_second": rate}, timeout=300)
         self.placed = 0
+
+
+def stop_children(pipes: list[Any], processes: list[Any]) -> None:
+    """Ask child processes to exit through their pipes, then terminate, then kill the stragglers."""
+    for pipe in pipes:
+        with contextlib.suppress(Exception):
+            pipe.send(("exit", {}))
+    for process in processes:
+        process.join(5)
+        if process.is_alive():
+            process.terminate()
+            process.join(2)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    for pipe in pipes:
+        with contextlib.suppress(Exception):
+            pipe.close()
