@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -392,8 +393,6 @@ class Worker:
         self._spawn(client.ws.close(CloseCode.TRY_AGAIN_LATER, "too slow"))
 
     def _control(self, event: OutboxEvent) -> None:
-        import json
-
         data = json.loads(event.data_json)
         if event.name == "realtime.session_ended":
             for client in self.registry.for_session(data.get("session", "")):

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.db import connection
 from django.test import Client as HttpClient
-from psycopg.conninfo import make_conninfo
 from websockets.sync.client import ClientConnection, connect
+
+from realtime.db import listener_conninfo
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 WAIT = 10.0  # generous bound on any wait for a message
@@ -37,16 +37,8 @@ def free_port() -> int:
 
 
 def database_url_for_tests() -> str:
-    """A libpq string for the test database pytest-django created."""
-    db = connection.settings_dict
-    params = {
-        "dbname": db["NAME"],
-        "user": db.get("USER") or None,
-        "password": db.get("PASSWORD") or None,
-        "host": db.get("HOST") or None,
-        "port": db.get("PORT") or None,
-    }
-    return make_conninfo(**{k: v for k, v in params.items() if v is not None})
+    """A libpq string for the test database pytest-django created (the same builder the listener uses)."""
+    return listener_conninfo(application_name="realtime-tests")
 
 
 @dataclass
