@@ -10,7 +10,9 @@ and a websockets server on one port:
   Then: ``welcome``, the replay of what the client missed (``last_id``), and
   live events, each exactly once and in commit order.
 
-Every ORM or session call runs in the thread pool (``realtime.db.run_sync``).
+Logins and session re-checks go through :class:`~realtime.verifier.Verifier`
+(psycopg async); every other ORM call runs in the thread pool
+(``realtime.db.run_sync``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from realtime.protocol import CloseCode, State
 from realtime.ratelimit import TokenBucket
 from realtime.registry import Client, Registry, matches
 from realtime.topics import may_subscribe
+from realtime.verifier import Verifier
 
 __all__ = ["Worker", "wait_for_stop_signal"]
 
@@ -76,6 +79,7 @@ class Worker:
         self.metrics.connections.set_function(lambda: len(self.registry))
         self._background: set[asyncio.Task[Any]] = set()
         self.presence = PresenceTracker(cursor=lambda: self.listener.cursor)
+        self.verifier = Verifier()
         self.server: Any = None
 
     async def run(
@@ -98,6 +102,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         # The default executor has min(32, cpus + 4) threads: too few for a burst of logins.
         loop.set_default_executor(ThreadPoolExecutor(settings.THREADS, thread_name_prefix="realtime-db"))
+        await self.verifier.open()
         tasks = [
             asyncio.create_task(self.listener.run(), name="realtime-listener"),
             asyncio.create_task(self._prune_forever(), name="realtime-pruner"),
@@ -145,6 +150,7 @@ class Worker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await self.presence.close()
+            await self.verifier.close()
 
     async def _revalidate_forever(self) -> None:
         """Re-check every open session now and then (catches any session deletion)."""
@@ -160,7 +166,7 @@ class Worker:
                 if not clients:
                     continue
                 try:
-                    identity = await run_sync(tokens.identity_for_session, session_key, user_id)
+                    identity = await self.verifier.identity_for_session(session_key, user_id)
                 except DatabaseError as exc:
                     logger.warning("cannot re-check sessions now, will retry: %s", exc)
                     break
@@ -198,7 +204,8 @@ class Worker:
             response.headers["Content-Type"] = CONTENT_TYPE_LATEST
             response.headers["Content-Length"] = str(len(response.body))
             return response
-        if self.server is not None and len(self.server.connections) >= settings.MAX_CONNECTIONS:
+        # all_connections: O(1), and counts handshakes in progress too (``connections`` is a set built per call).
+        if self.server is not None and len(self.server.all_connections) >= settings.MAX_CONNECTIONS:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections, try again later\n")
         if self.listener.cursor is None:
             # Until the listener has read its first position, a welcome could
@@ -228,7 +235,7 @@ class Worker:
             await ws.close(exc.close_code or CloseCode.POLICY_VIOLATION, exc.message)
             return
         try:
-            identity, reason = await run_sync(tokens.check, auth.token)
+            identity, reason = await self.verifier.check(auth.token)
         except DatabaseError as exc:
             self.metrics.authentications.labels("unavailable").inc()
             logger.warning("%s closed 1013: cannot verify the token, database unavailable: %s", remote, exc)
@@ -411,7 +418,7 @@ class Worker:
         """Re-read ``client``'s rights; close it with 4401 if its session is no longer valid."""
         old = client.identity
         try:
-            identity = await run_sync(tokens.identity_for_session, old.session_key, old.user_id)
+            identity = await self.verifier.identity_for_session(old.session_key, old.user_id)
         except DatabaseError as exc:
             logger.warning("cannot re-check user %d now, keeping their rights: %s", old.user_id, exc)
             return

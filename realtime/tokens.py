@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from importlib import import_module
@@ -36,7 +37,19 @@ from django.utils.crypto import constant_time_compare
 from realtime.conf import settings
 from realtime.models import Ticket
 
-__all__ = ["Identity", "check", "identity_for_session", "mint", "verify"]
+__all__ = [
+    "Identity",
+    "Refused",
+    "check",
+    "check_session_data",
+    "check_user",
+    "identity_for_session",
+    "make_identity",
+    "mint",
+    "nonce_hash",
+    "open_token",
+    "verify",
+]
 
 SALT = "realtime.tokens"
 logger = logging.getLogger("realtime.auth")
@@ -67,7 +80,7 @@ def mint(user: Any, session_key: str) -> str:
     # Expired tickets are useless: drop them while we are here (indexed).
     Ticket.objects.filter(expires_at__lt=now).delete()
     Ticket.objects.create(
-        nonce_hash=_hash(nonce),
+        nonce_hash=nonce_hash(nonce),
         session_key=session_key,
         user_id=user.pk,
         expires_at=now + timedelta(seconds=settings.TOKEN_MAX_AGE),
@@ -95,16 +108,8 @@ def check(token: str) -> tuple[Identity | None, str]:
 
 
 def _identity_for_token(token: str) -> Identity:
-    try:
-        payload = signing.loads(token, salt=SALT, max_age=settings.TOKEN_MAX_AGE)
-        user_id, nonce = payload["u"], payload["n"]
-        if not isinstance(nonce, str):
-            raise TypeError
-    except signing.SignatureExpired:
-        raise Refused("token expired") from None
-    except (signing.BadSignature, KeyError, TypeError, ValueError):
-        raise Refused("bad token signature or format") from None
-    ticket = Ticket.objects.filter(nonce_hash=_hash(nonce), user_id=user_id).first()
+    user_id, nonce = open_token(token)
+    ticket = Ticket.objects.filter(nonce_hash=nonce_hash(nonce), user_id=user_id).first()
     if ticket is None:
         raise Refused("token unknown or already used")
     # Single use: whoever deletes the row wins; a replay finds nothing.
@@ -113,6 +118,20 @@ def _identity_for_token(token: str) -> Identity:
     if ticket.expires_at < timezone.now():
         raise Refused("token expired")
     return _identity_for_session(ticket.session_key, user_id)
+
+
+def open_token(token: str) -> tuple[int, str]:
+    """Return the ``(user_id, nonce)`` a token carries; raise :class:`Refused` if forged, malformed or too old."""
+    try:
+        payload = signing.loads(token, salt=SALT, max_age=settings.TOKEN_MAX_AGE)
+        user_id, nonce = payload["u"], payload["n"]
+        if not isinstance(nonce, str) or not isinstance(user_id, int):
+            raise TypeError
+    except signing.SignatureExpired:
+        raise Refused("token expired") from None
+    except (signing.BadSignature, KeyError, TypeError, ValueError):
+        raise Refused("bad token signature or format") from None
+    return user_id, nonce
 
 
 def identity_for_session(session_key: str, user_id: int) -> Identity | None:
@@ -126,40 +145,64 @@ def identity_for_session(session_key: str, user_id: int) -> Identity | None:
 
 def _identity_for_session(session_key: str, user_id: int) -> Identity:
     engine = import_module(django_settings.SESSION_ENGINE)
-    session = engine.SessionStore(session_key)
-    if not session.exists(session_key):
+    # load() gives {} for a session that is gone or expired, and changes nothing.
+    data = engine.SessionStore(session_key).load()
+    if not data:
         raise Refused("session ended")
-    data = session.load()
+    backend_path = check_session_data(data, user_id)
+    user = load_backend(backend_path).get_user(user_id)
+    check_user(user, data)
+    return make_identity(
+        user,
+        session_key,
+        groups=user.groups.values_list("name", flat=True),
+        permissions=user.get_all_permissions(),
+    )
+
+
+def check_session_data(data: dict[str, Any], user_id: int) -> str:
+    """Check a loaded session is ``user_id``'s under an enabled backend; return the backend's path."""
     if str(data.get(SESSION_KEY)) != str(user_id):
         raise Refused("session belongs to another user")
     backend_path = data.get(BACKEND_SESSION_KEY)
     if backend_path not in django_settings.AUTHENTICATION_BACKENDS:
         raise Refused("session backend no longer enabled")
-    user = load_backend(backend_path).get_user(user_id)
+    return backend_path
+
+
+def check_user(user: Any, data: dict[str, Any]) -> None:
+    """Check ``user`` (None if unknown) may still use the session whose data is ``data``.
+
+    The same checks as ``django.contrib.auth.get_user()``, without its side
+    effects (it flushes or cycles the session, which would log the browser out).
+    """
     if user is None or not user.is_active:
         raise Refused("user unknown or inactive")
-    # Same check as django.contrib.auth.get_user(), without its side effects
-    # (it flushes or cycles the session, which would log the browser out).
     session_auth_hash = data.get(HASH_SESSION_KEY) or ""
     if hasattr(user, "get_session_auth_hash"):
         candidates = [user.get_session_auth_hash(), *user.get_session_auth_fallback_hash()]
         if not session_auth_hash or not any(constant_time_compare(session_auth_hash, c) for c in candidates):
             raise Refused("session auth hash changed (password changed)")
+
+
+def make_identity(user: Any, session_key: str, *, groups: Iterable[str], permissions: Iterable[str]) -> Identity:
+    """Return the :class:`Identity` of a checked ``user`` on session ``session_key``."""
     from realtime.signals import session_hash
 
     return Identity(
         user_id=user.pk,
         username=user.get_username(),
         session_hash=session_hash(session_key),
-        is_staff=user.is_staff,
-        is_superuser=user.is_superuser,
-        groups=frozenset(user.groups.values_list("name", flat=True)),
-        permissions=frozenset(user.get_all_permissions()),
+        is_staff=bool(getattr(user, "is_staff", False)),
+        is_superuser=bool(getattr(user, "is_superuser", False)),
+        groups=frozenset(groups),
+        permissions=frozenset(permissions),
         session_key=session_key,
     )
 
 
-def _hash(nonce: str) -> str:
+def nonce_hash(nonce: str) -> str:
+    """Return what a ticket row stores for ``nonce`` (the nonce itself never is)."""
     return hashlib.sha256(nonce.encode()).hexdigest()
 
 
