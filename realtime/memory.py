@@ -1,4 +1,6 @@
-"""Let a long-running worker give freed buffers back to the operating system.
+"""Memory settings for a long-running worker process.
+
+``return_freed_memory_to_os()``: let the worker give freed buffers back.
 
 Outgoing frames are allocated per connection. With glibc's default dynamic
 threshold, buffers of a few hundred KiB (a slow client's backlog, a big event
@@ -7,18 +9,31 @@ they are freed: measured here, a worker that survived 320 abusive connections
 stayed 40 MiB above its baseline and grew again on a second round. Serving
 allocations of 64 KiB and more with mmap returns them on free (+3 MiB per
 round instead). Small allocations, the common case, are unaffected.
+
+``tune_garbage_collector()``: Python's cyclic collector runs every 700 net
+allocations, and every tenth run also walks the objects that survived, which
+in a worker are mostly its connections: long-lived and numerous. Measured
+here, a worker routing 170,000 events to 1,000 connections spent 0.6 s in
+1,136 collections, and its CPU use fell from 55 % to 48 % of a core after
+freezing the objects that exist at start (Django, the project's modules) and
+collecting young objects 14 times less often (49 ms in 12 collections);
+logins went from 1,170/s to 1,420/s. Cyclic garbage is still collected, in
+bigger, rarer passes.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import sys
 
-__all__ = ["return_freed_memory_to_os"]
+__all__ = ["return_freed_memory_to_os", "tune_garbage_collector"]
 
 M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 MMAP_THRESHOLD = 64 * 1024
+# Collections of generation 0 every 10,000 net allocations (default 700), then the defaults' ratios.
+GC_THRESHOLDS = (10_000, 10, 10)
 
 
 def return_freed_memory_to_os() -> bool:
@@ -33,3 +48,10 @@ def return_freed_memory_to_os() -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
+
+
+def tune_garbage_collector() -> None:
+    """Freeze what exists now out of the collector's reach and collect young objects less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)

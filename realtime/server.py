@@ -316,7 +316,7 @@ class Worker:
                     break
                 for event in events:
                     if matches(client.identity, client.topics, event.audience):
-                        await client.ws.send(_encode(event))
+                        await client.ws.send(event.message)
                 after = events[-1].position
             return 0
         if last_id > await run_sync(_newest_known_position):
@@ -360,14 +360,15 @@ class Worker:
     def deliver(self, events: list[OutboxEvent]) -> None:
         """Route each committed event to its connected recipients."""
         now = time.time()
+        routed = frames = 0
         for event in events:
-            if event.control:
+            if event.control is not None:
                 self._control(event)
                 continue
             recipients = self.registry.recipients(event.audience)
             if not recipients:
                 continue
-            message = _encode(event)
+            message = event.message
             live = []
             for client in recipients:
                 if client.cursor >= event.position:
@@ -385,9 +386,12 @@ class Worker:
                     transport = client.ws.transport
                     if transport is not None and transport.get_write_buffer_size() > settings.MAX_BUFFER:
                         self._drop_slow(client, "not reading fast enough")
-            self.metrics.events.inc()
-            self.metrics.frames.inc(len(live))
+            routed += 1
+            frames += len(live)
             self.metrics.lag.observe(max(0.0, now - event.created))
+        # Counted once per batch: a counter's lock costs as much as routing a small event.
+        self.metrics.events.inc(routed)
+        self.metrics.frames.inc(frames)
 
     def _drop_slow(self, client: Client, reason: str) -> None:
         """Close a client that cannot keep up with 1013; nobody else waits for it."""
@@ -400,12 +404,12 @@ class Worker:
         self._spawn(client.ws.close(CloseCode.TRY_AGAIN_LATER, "too slow"))
 
     def _control(self, event: OutboxEvent) -> None:
-        data = json.loads(event.data_json)
-        if event.name == "realtime.session_ended":
+        data = json.loads(event.control_data or "{}")
+        if event.control == "realtime.session_ended":
             for client in self.registry.for_session(data.get("session", "")):
                 logger.info("%s user %d: session ended, closing 4401", client.remote, client.identity.user_id)
                 self._spawn(client.ws.close(CloseCode.AUTH_FAILED, "session ended"))
-        elif event.name == "realtime.user_changed":
+        elif event.control == "realtime.user_changed":
             clients: set[Client] = set()
             for user_id in data.get("users", ()):
                 clients |= self.registry.for_user(user_id)
@@ -446,10 +450,6 @@ class Worker:
 
 def _newest_known_position() -> int:
     return max(retention.newest_position(), retention.horizon())
-
-
-def _encode(event: OutboxEvent) -> str:
-    return protocol.encode_event(event.position, event.name, event.topic, event.data_json, event.at)
 
 
 def _format_address(address: Any) -> str:

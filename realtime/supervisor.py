@@ -35,10 +35,11 @@ def _worker_main(host: str, port: int, number: int, keep_open: float) -> None:
     import django
 
     django.setup()
-    from realtime.memory import return_freed_memory_to_os
+    from realtime.memory import return_freed_memory_to_os, tune_garbage_collector
     from realtime.server import Worker, wait_for_stop_signal
 
     return_freed_memory_to_os()
+    tune_garbage_collector()
 
     async def main() -> None:
         worker = Worker(name=f"worker-{number}")

@@ -152,10 +152,15 @@ def get_token(client: HttpClient) -> str:
 
 
 def open_ws(
-    worker: WorkerProcess, token: str, last_id: int | None = None, topics: list[str] | None = None
+    worker: WorkerProcess,
+    token: str,
+    last_id: int | None = None,
+    topics: list[str] | None = None,
+    **options: Any,
 ) -> tuple[ClientConnection, dict[str, Any]]:
-    """Connect and authenticate; return the connection and the welcome message."""
-    ws = connect(worker.url, open_timeout=WAIT, max_size=None, legacy=True, origin=ORIGIN)
+    """Connect and authenticate; return the connection and the welcome message (``options`` go to connect())."""
+    options = {"open_timeout": WAIT, "max_size": None, "legacy": True, "origin": ORIGIN, **options}
+    ws = connect(worker.url, **options)
     auth: dict[str, Any] = {"type": "auth", "token": token, "last_id": last_id}
     if topics:
         auth["topics"] = topics

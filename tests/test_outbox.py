@@ -161,3 +161,31 @@ def test_publish_many_validates_every_item_before_writing():
         publish_many(["nope"])
     assert publish_many([]) == 0
     assert not Event.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("name", "topic", "data"),
+    [
+        ("plain.event", None, {}),
+        ('odd "name" \\ with\nlines', "topic é/\t1", {"text": 'quote " backslash \\ tab \t é 🎉', "n": [1, 2.5, None]}),
+        ("nested", "t", {"a": {"b": [True, False, {"c": "\u0001"}]}, "big": 2**53}),
+    ],
+)
+def test_the_message_postgresql_builds_is_the_protocols_event(name, topic, data):
+    """The worker sends the message PostgreSQL builds from the row: protocol.encode_event's, field for field."""
+    import json
+
+    from realtime.db import read_events
+    from realtime.protocol import encode_event
+
+    with transaction.atomic():
+        publish(name, data, everyone=True, topic=topic)
+    row = Event.objects.get()
+    (event,) = read_events(0, None, 10)
+    sent = json.loads(event.message)
+    expected = json.loads(encode_event(row.position, name, topic, json.dumps(data), row.created_at.isoformat()))
+    assert datetime.datetime.fromisoformat(sent.pop("at")) == row.created_at
+    expected.pop("at")
+    assert sent == expected
+    assert event.created == pytest.approx(row.created_at.timestamp(), abs=1e-6)

@@ -15,7 +15,7 @@ from django.db.utils import OperationalError
 from django.utils import autoreload
 
 from realtime.conf import settings
-from realtime.memory import return_freed_memory_to_os
+from realtime.memory import return_freed_memory_to_os, tune_garbage_collector
 from realtime.server import Worker, wait_for_stop_signal
 from realtime.supervisor import run_workers
 
@@ -80,6 +80,7 @@ class Command(BaseCommand):
         self._check_database()
         _raise_open_files_limit()
         return_freed_memory_to_os()
+        tune_garbage_collector()
         where = f"unix:{unix_path}" if unix_path else f"ws://{_url_host(host)}:{port}/"
         self.stdout.write(
             f"Realtime websocket {'worker' if workers == 1 else f'{workers} workers'} on {where} (Ctrl-C to stop)"
