@@ -167,7 +167,7 @@ class PresenceTracker:
             username=identity.username[:255],
             client_ip=_ip_of(client.remote),
             connected_at=client.connected_at,
-            topics=frozenset(client.topics),
+            topics=client.topics,
         )
 
     def subscribed(self, client: Client, topic: str) -> None:

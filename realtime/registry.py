@@ -19,6 +19,8 @@ from realtime.tokens import Identity
 
 __all__ = ["Audience", "Client", "Registry", "matches"]
 
+NO_TOPICS: frozenset[str] = frozenset()
+
 
 class Audience(NamedTuple):
     """Who may receive an event (the audience columns of an outbox row, in their order)."""
@@ -42,7 +44,8 @@ class Client:
         self.identity = identity
         self.remote = remote
         self.state = State.REPLAYING
-        self.topics: set[str] = set()
+        # Immutable and shared while empty (most connections): replaced on (un)subscribe.
+        self.topics: frozenset[str] = NO_TOPICS
         # Highest event position sent or queued to this client.
         self.cursor = 0
         # Live events that arrive while the replay runs, sent right after it.
@@ -107,11 +110,11 @@ class Registry:
         self._index(client, add=True)
 
     def subscribe(self, client: Client, topic: str) -> None:
-        client.topics.add(topic)
+        client.topics = client.topics | {topic}
         self._by_topic[topic].add(client)
 
     def unsubscribe(self, client: Client, topic: str) -> None:
-        client.topics.discard(topic)
+        client.topics = client.topics - {topic}
         _discard(self._by_topic, topic, client)
 
     def for_user(self, user_id: int) -> set[Client]:

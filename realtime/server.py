@@ -218,6 +218,11 @@ class Worker:
     async def handler(self, ws: ServerConnection) -> None:
         peer = ws.remote_address[0] if isinstance(ws.remote_address, tuple) else ""
         remote = client_ip(peer, ws.request.headers.get("X-Forwarded-For") if ws.request else None)
+        # websockets keeps the handshake for the connection's lifetime; its headers (cookies
+        # included: often kilobytes per connection) are not needed past this line.
+        for handshake in (ws.request, ws.response):
+            if handshake is not None:
+                handshake.headers.clear()
         try:
             first = await asyncio.wait_for(ws.recv(), settings.AUTH_TIMEOUT)
         except TimeoutError:
@@ -282,6 +287,8 @@ class Worker:
             client.cursor = max(client.cursor, seen_upto)
             client.pending = None
             client.state = State.LIVE
+            # This coroutine lives as long as the connection: keep only what the loop needs.
+            del first, auth, allowed_topics
             bucket = TokenBucket(settings.MESSAGE_BURST, settings.MESSAGES_PER_MINUTE)
             async for message in ws:
                 if not bucket.allow():

@@ -55,7 +55,7 @@ SALT = "realtime.tokens"
 logger = logging.getLogger("realtime.auth")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Identity:
     """Who a connection belongs to, and what they may receive."""
 
@@ -195,10 +195,23 @@ def make_identity(user: Any, session_key: str, *, groups: Iterable[str], permiss
         session_hash=session_hash(session_key),
         is_staff=bool(getattr(user, "is_staff", False)),
         is_superuser=bool(getattr(user, "is_superuser", False)),
-        groups=frozenset(groups),
-        permissions=frozenset(permissions),
+        groups=_shared(groups),
+        permissions=_shared(permissions),
         session_key=session_key,
     )
+
+
+# Users mostly share a few sets of groups and permissions (often none): one
+# copy of each set serves every connection that holds it.
+_SHARED_SETS: dict[frozenset[str], frozenset[str]] = {}
+_SHARED_SETS_MAX = 10_000
+
+
+def _shared(names: Iterable[str]) -> frozenset[str]:
+    names = frozenset(names)
+    if len(_SHARED_SETS) >= _SHARED_SETS_MAX:
+        _SHARED_SETS.clear()  # unusual: that many distinct sets; start again
+    return _SHARED_SETS.setdefault(names, names)
 
 
 def nonce_hash(nonce: str) -> str:

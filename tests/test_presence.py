@@ -175,7 +175,7 @@ def test_tracker_rewrites_rows_expired_behind_its_back():
     """A live worker whose rows another worker expired writes them again at its next round."""
     user = make_user("alice")
     client = Client(None, Identity(user.pk, "alice", "h", False, False, frozenset(), frozenset()), "127.0.0.1")
-    client.topics.add("lobby")
+    client.topics = frozenset({"lobby"})
     tracker = PresenceTracker()
 
     async def scenario() -> None:
