@@ -738,7 +738,18 @@ def machine() -> dict[str, Any]:
         "versions": _versions(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "load_average_at_start": os.getloadavg(),
+        "open_files_hard_limit": _open_files_hard_limit(),
     }
+
+
+def _open_files_hard_limit() -> int | None:
+    """RLIMIT_NOFILE's hard limit: a server process holds at most this many connections."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return None if hard == resource.RLIM_INFINITY else hard
 
 
 def _migrate_channels_postgres(database_url: str) -> None:

@@ -325,6 +325,14 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"- Machine: {m['cores']} cores ({m['cpu'] or 'unknown CPU'}), {m['memory_bytes'] / 2**30:.1f} GiB RAM, "
         f"Linux {m['kernel']}; load average at start {load}",
+        *(
+            [
+                f"- Open files per process: at most {m['open_files_hard_limit']:,} (RLIMIT_NOFILE hard limit, "
+                "not raisable here): each server process holds fewer connections than that"
+            ]
+            if m.get("open_files_hard_limit")
+            else []
+        ),
         f"- Python {m['python']}, PostgreSQL {m['postgresql']}",
         f"- {versions}",
         "",

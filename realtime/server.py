@@ -50,9 +50,30 @@ from realtime.registry import Client, Registry, matches
 from realtime.topics import may_subscribe
 from realtime.verifier import Verifier
 
-__all__ = ["Worker", "wait_for_stop_signal"]
+__all__ = ["RESERVED_FILES", "Worker", "connection_limit", "wait_for_stop_signal"]
 
 logger = logging.getLogger("realtime.server")
+
+
+# File descriptors kept for everything but clients: database connections (listener,
+# logins, the thread pool), logs, the listening sockets.
+RESERVED_FILES = 128
+
+
+def connection_limit() -> int:
+    """``MAX_CONNECTIONS``, lowered to what this process may open (RLIMIT_NOFILE) less ``RESERVED_FILES``.
+
+    Past its open-files limit a process can neither accept nor reach the
+    database: better answer 503 to the next client than fail everyone.
+    """
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return settings.MAX_CONNECTIONS
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return settings.MAX_CONNECTIONS
+    return max(1, min(settings.MAX_CONNECTIONS, soft - RESERVED_FILES))
 
 
 def wait_for_stop_signal() -> asyncio.Future[None]:
@@ -80,6 +101,7 @@ class Worker:
         self._background: set[asyncio.Task[Any]] = set()
         self.presence = PresenceTracker(cursor=lambda: self.listener.cursor)
         self.verifier = Verifier()
+        self.max_connections = settings.MAX_CONNECTIONS
         self.server: Any = None
 
     async def run(
@@ -103,6 +125,15 @@ class Worker:
         # The default executor has min(32, cpus + 4) threads: too few for a burst of logins.
         loop.set_default_executor(ThreadPoolExecutor(settings.THREADS, thread_name_prefix="realtime-db"))
         await self.verifier.open()
+        self.max_connections = connection_limit()
+        if self.max_connections < settings.MAX_CONNECTIONS:
+            logger.warning(
+                "MAX_CONNECTIONS is %d, but this process may open only %d files: serving at most %d connections "
+                "(raise the open-files limit: LimitNOFILE= in systemd, ulimit -n in a shell)",
+                settings.MAX_CONNECTIONS,
+                self.max_connections + RESERVED_FILES,
+                self.max_connections,
+            )
         tasks = [
             asyncio.create_task(self.listener.run(), name="realtime-listener"),
             asyncio.create_task(self._prune_forever(), name="realtime-pruner"),
@@ -205,7 +236,7 @@ class Worker:
             response.headers["Content-Length"] = str(len(response.body))
             return response
         # all_connections: O(1), and counts handshakes in progress too (``connections`` is a set built per call).
-        if self.server is not None and len(self.server.all_connections) >= settings.MAX_CONNECTIONS:
+        if self.server is not None and len(self.server.all_connections) >= self.max_connections:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections, try again later\n")
         if self.listener.cursor is None:
             # Until the listener has read its first position, a welcome could

@@ -77,10 +77,12 @@ def start_worker(
     args: tuple[str, ...] = (),
     port: int | None = None,
     realtime: dict[str, Any] | None = None,
+    open_files: int | None = None,
 ) -> WorkerProcess:
     """Start ``manage.py runwebsockets`` on a free port against the test database; wait until ready.
 
-    ``realtime`` overrides keys of the worker's REALTIME setting.
+    ``realtime`` overrides keys of the worker's REALTIME setting; ``open_files``
+    sets the worker's RLIMIT_NOFILE (soft and hard).
     """
     port = port or free_port()
     if realtime:
@@ -98,6 +100,7 @@ def start_worker(
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            preexec_fn=None if open_files is None else lambda: _limit_open_files(open_files),
         )
     worker = WorkerProcess(process, port, Path(log_name))
     deadline = time.monotonic() + 30
@@ -112,6 +115,12 @@ def start_worker(
         time.sleep(0.05)
     worker.stop(signal.SIGKILL)
     raise RuntimeError(f"worker not ready in 30 s:\n{worker.log()}")
+
+
+def _limit_open_files(limit: int) -> None:  # in the child, before exec
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 @pytest.fixture

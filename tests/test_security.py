@@ -119,6 +119,24 @@ def test_global_connection_cap_answers_503(transactional_db):
         worker.stop()
 
 
+def test_open_files_limit_lowers_the_connection_cap(transactional_db):
+    """A process allowed 300 files serves 172 connections (128 kept for the rest), then answers 503, and says so."""
+    worker = start_worker(open_files=300)
+    held = []
+    try:
+        assert "serving at most 172 connections" in worker.log()
+        for _ in range(172):
+            held.append(connect(worker.url, origin=ORIGIN, open_timeout=WAIT, legacy=True))
+        with pytest.raises(InvalidStatus) as info:
+            connect(worker.url, origin=ORIGIN, open_timeout=WAIT).close()
+        assert info.value.response.status_code == 503
+        assert worker.http("/readyz")[0] == 200  # still healthy: it refused, it did not run out
+    finally:
+        for ws in held:
+            ws.close()
+        worker.stop()
+
+
 def test_oversized_message_closes_1009(worker):
     """A message over MAX_MESSAGE_SIZE closes with 1009."""
     ws, _ = open_ws(worker, get_token(logged_in(make_user("alice"))))
