@@ -33,6 +33,7 @@ class Row:
     # Returns True/False when this project's value meets the target (ratios: see met()).
     check: Callable[[float], bool] | None = None
     min_ratio: float | None = None  # also needs this many times better than every Channels system
+    optional: bool = False  # left out of the table when no system has a value
 
 
 def _get(data: dict[str, Any], *path: str) -> Any:
@@ -62,8 +63,8 @@ def _fanout(size: int) -> Callable[[dict[str, Any]], float | None]:
     return value
 
 
-def _capacity_fanout(system: dict[str, Any]) -> float | None:
-    entry = _get(system, "capacity", "fanout")
+def _capacity_fanout(system: dict[str, Any], key: str = "capacity") -> float | None:
+    entry = _get(system, key, "fanout")
     return _number(entry["median_ms"]) if entry and entry.get("complete") else None
 
 
@@ -169,6 +170,24 @@ def rows(sizes: dict[str, Any]) -> list[Row]:
             _capacity_fanout,
             lambda v: v <= 1_000,
         ),
+        Row(
+            "f/more",
+            f"(f) Same, on enough processes for the open-files limit (tried {sizes['capacity']:,})",
+            "",
+            False,
+            "",
+            lambda s: _number(_get(s, "capacity_more", "held")),
+            optional=True,
+        ),
+        Row(
+            "f/more/fan-out",
+            "(f) One event to all of them, until the last has it",
+            "ms",
+            True,
+            "",
+            lambda s: _capacity_fanout(s, "capacity_more"),
+            optional=True,
+        ),
     ]
     return result
 
@@ -224,6 +243,8 @@ def table(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for row in rows(results["sizes"]):
         ours = row.value(systems[OURS]) if OURS in systems else None
+        if row.optional and ours is None and all(row.value(systems[key]) is None for key in present):
+            continue
         cells = [row.label, row.target, _format(ours, row.unit)]
         for key in present:
             other = row.value(systems[key])
@@ -283,13 +304,16 @@ def _notes(results: dict[str, Any]) -> list[str]:
                 continue
             trials = "; ".join(_trial_text(t) for t in entry["trials"])
             notes.append(f"{label}: (d) {mode}, {entry['publishers']} publisher processes: {trials}.")
-        capacity = system.get("capacity")
-        if capacity:
+        for key in ("capacity", "capacity_more"):
+            capacity = system.get(key)
+            if not capacity:
+                continue
             failures = ", ".join(f"{n:,} {r}" for r, n in capacity["failures"].items()) or "none"
             closed = ", ".join(f"{n:,} with {code}" for code, n in capacity["server_closed"].items()) or "none"
             times = ", ".join(f"{t:,.0f}" for t in capacity["fanout"]["times_ms"])
             notes.append(
-                f"{label}: (f) {capacity['connected']:,}/{capacity['requested']:,} connected in "
+                f"{label}: (f) on {capacity.get('workers', 2)} processes: "
+                f"{capacity['connected']:,}/{capacity['requested']:,} connected in "
                 f"{capacity['seconds']:.0f} s ({capacity['rate']:,.0f}/s; busiest load-client process at "
                 f"{capacity.get('client_busy', 0):.0%} of a core), {capacity['held']:,} still open after "
                 f"the fan-out; server RSS {capacity['rss'] / 2**30:,.2f} GiB, {capacity['idle_cpu']:.0%} of a core "
