@@ -113,8 +113,10 @@ class Listener:
     async def _read_loop(self, connection: psycopg.AsyncConnection) -> None:
         sql = f"SELECT {EVENT_COLUMNS} FROM realtime_event WHERE position > %s ORDER BY position LIMIT %s"
         while True:
+            # asyncio.timeout(), not wait_for(): no task per wake-up.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
+                async with asyncio.timeout(POLL_INTERVAL):
+                    await self._wake.wait()
             self._wake.clear()
             while True:
                 cursor = await connection.execute(sql, (self.cursor, self.batch_size))
