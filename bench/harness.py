@@ -583,8 +583,9 @@ class Bench:
                 client.close_all()
                 for server in servers:
                     server.stop()
-                # Nor a backlog: channels_postgres may still hold undelivered fan-out messages.
-                self._clear_events()
+                # Nor a backlog: channels_postgres may still hold undelivered fan-out messages,
+                # channels_redis the group memberships of every closed connection (for a day).
+                self._clear_events(system)
                 servers = self.start(system, workers=1)
                 time.sleep(sizes.settle / 3)
                 owners = self.users[: sizes.latency_users]
@@ -687,9 +688,20 @@ class Bench:
                 return
             self.progress.update(f"waiting for the server to settle after closing ({busy:.0%} of a core busy)")
 
-    def _clear_events(self) -> None:
-        """Empty the outbox and the channels_postgres message table between runs (all delivered by then)."""
+    def _clear_events(self, system: System | None = None) -> None:
+        """Empty the outbox and channels_postgres's message table between runs (all delivered by then).
+
+        With ``system`` (only while none of its clients is connected), also empty
+        its Redis: channels_redis keeps the group memberships of closed connections for a day.
+        """
         from django.db import connection
+
+        redis_url = system.env.get("BENCH_REDIS_URL") if system else None
+        if redis_url:
+            import redis
+
+            with redis.Redis.from_url(redis_url) as client:
+                client.flushall()
 
         tables = [
             t for t in ("realtime_event", "channels_postgres_message") if t in connection.introspection.table_names()
