@@ -34,6 +34,8 @@ class Row:
     check: Callable[[float], bool] | None = None
     min_ratio: float | None = None  # also needs this many times better than every Channels system
     optional: bool = False  # left out of the table when no system has a value
+    # A remark after a system's value, e.g. the events it lost while its latency was measured.
+    remark: Callable[[dict[str, Any]], str] | None = None
 
 
 def _get(data: dict[str, Any], *path: str) -> Any:
@@ -61,6 +63,12 @@ def _fanout(size: int) -> Callable[[dict[str, Any]], float | None]:
         return _number(entry["median_ms"]) if entry and entry.get("complete") else None
 
     return value
+
+
+def _latency_losses(system: dict[str, Any]) -> str:
+    """ " (5 lost)" when some of the latency events never arrived: the percentiles are of those that did."""
+    lost = _get(system, "latency", "lost")
+    return f" ({lost:,} lost)" if lost else ""
 
 
 def _capacity_fanout(system: dict[str, Any], key: str = "capacity") -> float | None:
@@ -104,8 +112,9 @@ def rows(sizes: dict[str, Any]) -> list[Row]:
             "ms",
             True,
             "≤ 1.5",
-            lambda s: _number(_get(s, "latency", "p50_ms")) if _get(s, "latency", "lost") == 0 else None,
+            lambda s: _number(_get(s, "latency", "p50_ms")),
             lambda v: v <= 1.5,
+            remark=_latency_losses,
         ),
         Row(
             "c99",
@@ -113,9 +122,10 @@ def rows(sizes: dict[str, Any]) -> list[Row]:
             "ms",
             True,
             "≤ 5 and ≥ 10x Channels",
-            lambda s: _number(_get(s, "latency", "p99_ms")) if _get(s, "latency", "lost") == 0 else None,
+            lambda s: _number(_get(s, "latency", "p99_ms")),
             lambda v: v <= 5,
             10.0,
+            remark=_latency_losses,
         ),
         Row(
             "cmax",
@@ -123,7 +133,8 @@ def rows(sizes: dict[str, Any]) -> list[Row]:
             "ms",
             True,
             "",
-            lambda s: _number(_get(s, "latency", "max_ms")) if _get(s, "latency", "lost") == 0 else None,
+            lambda s: _number(_get(s, "latency", "max_ms")),
+            remark=_latency_losses,
         ),
         Row(
             "d1",
@@ -245,13 +256,17 @@ def table(results: dict[str, Any]) -> str:
         ours = row.value(systems[OURS]) if OURS in systems else None
         if row.optional and ours is None and all(row.value(systems[key]) is None for key in present):
             continue
-        cells = [row.label, row.target, _format(ours, row.unit)]
+        cells = [row.label, row.target, _format(ours, row.unit) + _remark(row, systems.get(OURS))]
         for key in present:
             other = row.value(systems[key])
-            cells += [_format(other, row.unit), _ratio_text(_ratio(row, ours, other))]
+            cells += [_format(other, row.unit) + _remark(row, systems[key]), _ratio_text(_ratio(row, ours, other))]
         cells.append(met(row, results))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _remark(row: Row, system: dict[str, Any] | None) -> str:
+    return row.remark(system) if row.remark is not None and system is not None else ""
 
 
 def _trial_text(t: dict[str, Any]) -> str:
