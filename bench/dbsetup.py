@@ -17,7 +17,6 @@ import string
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -37,8 +36,6 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 BENCH_DATABASE = "realtime_bench"
 USER_PREFIX = "bench-"
 SESSION_PREFIX = "bnch"
-# Keys of DATABASES[...]["OPTIONS"] that are Django's, not libpq's.
-_NON_LIBPQ_OPTIONS = {"isolation_level", "server_side_binding", "assume_role", "pool", "cursor_factory", "context"}
 
 
 @dataclass(frozen=True)
@@ -78,20 +75,9 @@ def configure_django(database_url: str, settings_module: str = "bench.settings")
 
 def current_database_url() -> str:
     """Return a libpq string for the database Django uses in this process (e.g. a test database)."""
-    from django.db import connection
+    from realtime.db import listener_conninfo  # reads settings: import once Django is set up
 
-    db = connection.settings_dict
-    params: dict[str, Any] = {
-        "dbname": db["NAME"],
-        "user": db.get("USER") or None,
-        "password": db.get("PASSWORD") or None,
-        "host": db.get("HOST") or None,
-        "port": db.get("PORT") or None,
-    }
-    for key, value in (db.get("OPTIONS") or {}).items():
-        if key not in _NON_LIBPQ_OPTIONS:
-            params[key] = value
-    return make_conninfo(**{k: v for k, v in params.items() if v is not None})
+    return listener_conninfo(application_name="realtime-bench")
 
 
 def server_version() -> str:

@@ -185,7 +185,11 @@ def encode_welcome(user_id: int, username: str, last_id: int) -> str:
 
 
 def encode_event(position: int, name: str, topic: str | None, data_json: str, at: str) -> str:
-    """Serialise an event; ``data_json`` is already-encoded JSON (from jsonb)."""
+    """Serialise an event; ``data_json`` is already-encoded JSON (from jsonb).
+
+    The reference for the format: the worker sends ``realtime.db.EVENT_MESSAGE``,
+    built by PostgreSQL in the same shape (tests/test_outbox.py keeps them equal).
+    """
     return (
         f'{{"type":"event","id":{position},"event":{_dumps(name)},"topic":{_dumps(topic)},'
         f'"data":{data_json},"at":{_dumps(at)}}}'
