@@ -64,6 +64,9 @@ DEFAULTS: dict[str, Any] = {
     # MESSAGES_PER_MINUTE sustained. Faster: closed with 1008.
     "MESSAGE_BURST": 20,
     "MESSAGES_PER_MINUTE": 100,
+    # Failed authentications allowed per client address per minute (bursts of as
+    # many); past it the address is answered 1013 without a database query.
+    "AUTH_FAILURES_PER_MINUTE": 30,
     # Connections per user per worker, and per worker in all (more: 1013 / HTTP 503).
     "MAX_CONNECTIONS_PER_USER": 20,
     "MAX_CONNECTIONS": 50_000,
@@ -99,6 +102,7 @@ _POSITIVE_INTS = (
     "THREADS",
     "MESSAGE_BURST",
     "MESSAGES_PER_MINUTE",
+    "AUTH_FAILURES_PER_MINUTE",
     "MAX_CONNECTIONS_PER_USER",
     "MAX_CONNECTIONS",
 )

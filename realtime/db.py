@@ -85,15 +85,43 @@ async def run_sync(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     return await asyncio.get_running_loop().run_in_executor(None, functools.partial(call))
 
 
-def read_events(after: int, upto: int | None, limit: int, *, using: str = DEFAULT_DB_ALIAS) -> list[OutboxEvent]:
-    """Return committed, non-control events with ``after < position <= upto``, in order (sync)."""
-    sql = f"SELECT {EVENT_COLUMNS} FROM realtime_event WHERE position > %s AND NOT control"
-    params: list[Any] = [after]
+def read_events(
+    after: int,
+    upto: int | None,
+    limit: int,
+    *,
+    audience: tuple[str, dict[str, Any]] | None = None,
+    max_bytes: int | None = None,
+    using: str = DEFAULT_DB_ALIAS,
+) -> list[OutboxEvent]:
+    """Return committed, non-control events with ``after < position <= upto``, in order (sync).
+
+    Args:
+        limit: at most this many events.
+        audience: ``(where, params)``: only rows that match this SQL condition
+            (``registry.AUDIENCE_SQL`` for one client), filtered by PostgreSQL.
+        max_bytes: stop once the events' data passes this many bytes (the
+            first event is always returned), so a batch of large events
+            holds a bounded amount of memory.
+    """
+    where = "position > %(after)s AND NOT control"
+    params: dict[str, Any] = {"after": after, "limit": limit}
     if upto is not None:
-        sql += " AND position <= %s"
-        params.append(upto)
-    sql += " ORDER BY position LIMIT %s"
-    params.append(limit)
+        where += " AND position <= %(upto)s"
+        params["upto"] = upto
+    if audience is not None:
+        where += f" AND {audience[0]}"
+        params.update(audience[1])
+    sql = f"SELECT {EVENT_COLUMNS} FROM realtime_event WHERE {where} ORDER BY position LIMIT %(limit)s"
+    if max_bytes is not None:
+        # A running total over the batch; each row's own size is subtracted so the first row always fits.
+        sql = (
+            f"SELECT {EVENT_COLUMNS} FROM ("
+            "SELECT *, sum(octet_length(data::text)) OVER (ORDER BY position) - octet_length(data::text) AS before"
+            f" FROM realtime_event WHERE {where} ORDER BY position LIMIT %(limit)s"
+            ") AS batch WHERE before < %(max_bytes)s ORDER BY position"
+        )
+        params["max_bytes"] = max_bytes
     with connections[using].cursor() as cursor:
         cursor.execute(sql, params)
         return [row_to_event(row) for row in cursor.fetchall()]

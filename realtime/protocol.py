@@ -40,7 +40,9 @@ __all__ = [
 ]
 
 MAX_TOPIC_LENGTH = 200
-MAX_AUTH_TOPICS = 100
+# Topics one connection may hold (each is an index entry and a presence row).
+MAX_TOPICS = 100
+MAX_AUTH_TOPICS = MAX_TOPICS
 
 
 class CloseCode(enum.IntEnum):
@@ -141,7 +143,12 @@ def parse_auth(message: str | bytes) -> Auth:
 
 
 def _valid_topic(topic: object) -> bool:
-    return isinstance(topic, str) and 0 < len(topic) <= MAX_TOPIC_LENGTH
+    """A topic is 1 to MAX_TOPIC_LENGTH printable characters.
+
+    ``isprintable()`` refuses control characters (NUL, which PostgreSQL text
+    cannot hold) and lone surrogates (which UTF-8 cannot encode).
+    """
+    return isinstance(topic, str) and 0 < len(topic) <= MAX_TOPIC_LENGTH and topic.isprintable()
 
 
 def parse_message(message: str | bytes) -> ClientMessage:
@@ -159,7 +166,7 @@ def parse_message(message: str | bytes) -> ClientMessage:
     if kind in ("subscribe", "unsubscribe"):
         topic = obj.get("topic")
         if not _valid_topic(topic):
-            raise ProtocolError("bad_topic", f"topic must be a string of 1 to {MAX_TOPIC_LENGTH} characters.")
+            raise ProtocolError("bad_topic", f"topic must be a string of 1 to {MAX_TOPIC_LENGTH} printable characters.")
         return Subscribe(topic) if kind == "subscribe" else Unsubscribe(topic)
     if kind == "auth":
         raise ProtocolError("already_authenticated", "This connection is already authenticated.")
@@ -169,7 +176,8 @@ def parse_message(message: str | bytes) -> ClientMessage:
 def _load_object(message: str, close_code: CloseCode | None) -> dict[str, Any]:
     try:
         obj = json.loads(message)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # RecursionError: nesting deeper than the interpreter's stack ("[" * 1100).
         raise ProtocolError("bad_json", "The message is not valid JSON.", close_code) from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_message", "The message must be a JSON object.", close_code)

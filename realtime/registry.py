@@ -4,7 +4,9 @@ The registry indexes clients by user id, group name, permission, staff flag,
 superuser flag, topic and session hash. ``recipients()`` unions the index
 entries named by an event's audience; it never scans every connection
 (except for ``everyone``, whose recipients are every connection).
-``matches()`` applies the same rules to one client, for replay.
+``matches()`` applies the same rules to one client, and ``AUDIENCE_SQL`` (with
+``audience_sql_params()``) to outbox rows in PostgreSQL, for replay; tests hold
+the three to the same answers.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, NamedTuple
 from realtime.protocol import State
 from realtime.tokens import Identity
 
-__all__ = ["Audience", "Client", "Registry", "matches"]
+__all__ = ["AUDIENCE_SQL", "Audience", "Client", "Registry", "audience_sql_params", "matches"]
 
 NO_TOPICS: frozenset[str] = frozenset()
 
@@ -37,7 +39,19 @@ class Audience(NamedTuple):
 class Client:
     """One authenticated websocket connection and its delivery state."""
 
-    __slots__ = ("connected_at", "cursor", "identity", "pending", "remote", "state", "topics", "ws")
+    __slots__ = (
+        "connected_at",
+        "cursor",
+        "held_from",
+        "identity",
+        "pending",
+        "pending_bytes",
+        "remote",
+        "rights_version",
+        "state",
+        "topics",
+        "ws",
+    )
 
     def __init__(self, ws: Any, identity: Identity, remote: str = "") -> None:
         self.ws = ws
@@ -50,6 +64,13 @@ class Client:
         self.cursor = 0
         # Live events that arrive while the replay runs, sent right after it.
         self.pending: deque[tuple[int, str]] | None = deque()
+        self.pending_bytes = 0
+        # Set while the client's rights are re-read: events after this position
+        # wait until the new rights decide (see Worker._hold).
+        self.held_from: int | None = None
+        # Bumped by every change to the client's rights; a re-read identity
+        # applies only if no change came in while it was read.
+        self.rights_version = 0
         self.connected_at = time.time()
 
     def __repr__(self) -> str:
@@ -69,6 +90,32 @@ def matches(identity: Identity, topics: Iterable[str], audience: Audience) -> bo
         or not identity.permissions.isdisjoint(audience.permissions)
         or (audience.topic is not None and audience.topic in topics)
     )
+
+
+# matches() for outbox rows: a WHERE clause on the audience columns, with
+# audience_sql_params() for one client.
+AUDIENCE_SQL = (
+    "(NOT staff_only OR %(is_staff)s) AND ("
+    "everyone"
+    " OR %(user_id)s = ANY(users)"
+    " OR (staff AND %(is_staff)s)"
+    " OR groups && %(groups)s::varchar[]"
+    " OR (cardinality(permissions) > 0 AND %(is_superuser)s)"
+    " OR permissions && %(permissions)s::varchar[]"
+    " OR topic = ANY(%(topics)s::varchar[]))"
+)
+
+
+def audience_sql_params(identity: Identity, topics: Iterable[str]) -> dict[str, Any]:
+    """Return the parameters of ``AUDIENCE_SQL`` for a client with ``identity`` and ``topics``."""
+    return {
+        "user_id": identity.user_id,
+        "is_staff": identity.is_staff,
+        "is_superuser": identity.is_superuser,
+        "groups": sorted(identity.groups),
+        "permissions": sorted(identity.permissions),
+        "topics": sorted(topics),
+    }
 
 
 class Registry:

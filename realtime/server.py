@@ -18,6 +18,7 @@ Logins and session re-checks go through :class:`~realtime.verifier.Verifier`
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import logging
@@ -26,7 +27,8 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Awaitable
+from collections import deque
+from collections.abc import Awaitable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from typing import Any
@@ -41,12 +43,13 @@ from realtime import protocol, retention, tokens
 from realtime.conf import settings
 from realtime.db import OutboxEvent, listener_conninfo, read_events, run_sync
 from realtime.handshake import allowed_origins, client_ip
+from realtime.limits import guarded_connection
 from realtime.listener import Listener
 from realtime.metrics import Metrics
 from realtime.presence import PresenceTracker
-from realtime.protocol import CloseCode, State
-from realtime.ratelimit import TokenBucket
-from realtime.registry import Client, Registry, matches
+from realtime.protocol import MAX_TOPICS, CloseCode, State
+from realtime.ratelimit import KeyedThrottle, TokenBucket
+from realtime.registry import AUDIENCE_SQL, Client, Registry, audience_sql_params, matches
 from realtime.topics import may_subscribe
 from realtime.verifier import Verifier
 
@@ -58,6 +61,15 @@ logger = logging.getLogger("realtime.server")
 # File descriptors kept for everything but clients: database connections (listener,
 # logins, the thread pool), logs, the listening sockets.
 RESERVED_FILES = 128
+# Replay queries running at once in one worker: reconnecting clients share
+# the database fairly, and a flood of deep replays holds at most this many backends.
+REPLAY_QUERIES = 4
+# A replay batch holds at most about this much event data in memory.
+REPLAY_BATCH_BYTES = 1024 * 1024
+# Control events remembered to check logins that were in flight when they arrived.
+RECENT_CONTROLS = 1024
+SESSION_ENDED = "realtime.session_ended"
+USER_CHANGED = "realtime.user_changed"
 
 
 def connection_limit() -> int:
@@ -103,6 +115,13 @@ class Worker:
         self.verifier = Verifier()
         self.max_connections = settings.MAX_CONNECTIONS
         self.server: Any = None
+        self.auth_failures = KeyedThrottle(settings.AUTH_FAILURES_PER_MINUTE, settings.AUTH_FAILURES_PER_MINUTE)
+        self._replay_slots = asyncio.Semaphore(REPLAY_QUERIES)
+        # Clients whose rights are being re-read, and every event routed since the
+        # oldest of them was held (None while no client is held): see _hold().
+        self._held: dict[Client, None] = {}
+        self._held_log: list[OutboxEvent] | None = None
+        self._recent_controls: deque[tuple[int, str, dict[str, Any]]] = deque(maxlen=RECENT_CONTROLS)
 
     async def run(
         self,
@@ -149,6 +168,7 @@ class Worker:
             "ping_timeout": settings.PING_TIMEOUT,
             "close_timeout": settings.CLOSE_TIMEOUT,
             "compression": settings.COMPRESSION,
+            "create_connection": guarded_connection(lambda: self.max_connections),
             **serve_kwargs,
         }
         try:
@@ -193,16 +213,24 @@ class Worker:
                 sessions.setdefault(key, []).append(client)
             # One session at a time (not one connection): background hygiene, not a burst.
             for (session_key, user_id), clients in sessions.items():
-                clients = [client for client in clients if client.state is not State.CLOSED]
-                if not clients:
+                versions = {client: client.rights_version for client in clients if client.state is not State.CLOSED}
+                if not versions:
                     continue
                 try:
                     identity = await self.verifier.identity_for_session(session_key, user_id)
                 except DatabaseError as exc:
                     logger.warning("cannot re-check sessions now, will retry: %s", exc)
                     break
-                for client in clients:
-                    await self._apply_identity(client, identity)
+                for client, version in versions.items():
+                    if client.state is State.CLOSED:
+                        continue
+                    if identity is None:
+                        self._revoke(client, "access revoked")
+                    elif client.held_from is None and client.rights_version == version:
+                        # Else a rights change came in meanwhile: its own re-read decides.
+                        allowed = await self._allowed_topics(identity, client.topics)
+                        if client.held_from is None and client.rights_version == version:
+                            self._apply_identity(client, identity, allowed)
 
     async def _prune_forever(self) -> None:
         """Prune expired events now and then; several workers doing so is harmless."""
@@ -270,6 +298,13 @@ class Worker:
             logger.info("%s closed %d: %s", remote, exc.close_code, exc.message)
             await ws.close(exc.close_code or CloseCode.POLICY_VIOLATION, exc.message)
             return
+        if not self.auth_failures.allowed(remote):
+            self.metrics.authentications.labels("throttled").inc()
+            logger.info("%s closed 1013: too many failed authentications from this address", remote)
+            await ws.close(CloseCode.TRY_AGAIN_LATER, "too many failed authentications, try again later")
+            return
+        # Control events after this position may have changed what the check below reads.
+        checked_after = self.listener.cursor or 0
         try:
             identity, reason = await self.verifier.check(auth.token)
         except DatabaseError as exc:
@@ -278,18 +313,21 @@ class Worker:
             await ws.close(CloseCode.TRY_AGAIN_LATER, "database unavailable, try again")
             return
         if identity is None:
+            self.auth_failures.failed(remote)
             self.metrics.authentications.labels("refused").inc()
             logger.info("%s closed 4401: authentication failed (%s)", remote, reason)
             await ws.close(CloseCode.AUTH_FAILED, "authentication failed")
             return
+        client = Client(ws, identity, remote)
+        allowed_topics = await self._allowed_topics(identity, auth.topics)
+        # The per-user cap is checked here, with no await before the registration below:
+        # concurrent logins of one user cannot all pass it.
         if len(self.registry.for_user(identity.user_id)) >= settings.MAX_CONNECTIONS_PER_USER:
             self.metrics.authentications.labels("too_many").inc()
             logger.info("%s closed 1013: user %d has too many connections", remote, identity.user_id)
             await ws.close(CloseCode.TRY_AGAIN_LATER, "too many connections for this user")
             return
         self.metrics.authentications.labels("accepted").inc()
-        client = Client(ws, identity, remote)
-        allowed_topics = [topic for topic in auth.topics if await may_subscribe(identity, topic)]
         # Register before reading the replay, with no await in between: live events
         # from here on queue in client.pending, the replay covers (last_id, start].
         start = self.listener.cursor or 0
@@ -298,6 +336,9 @@ class Worker:
         for topic in allowed_topics:
             self.registry.subscribe(client, topic)
         self.presence.joined(client)  # with its topics
+        if self._changed_since(checked_after, identity):
+            # A logout or rights change committed while the check ran: read again before any live event.
+            self._hold(client, start)
         logger.info("%s authenticated as user %d (%s)", remote, identity.user_id, identity.username)
         try:
             await ws.send(protocol.encode_welcome(identity.user_id, identity.username, start))
@@ -313,10 +354,12 @@ class Worker:
                     return
             while client.pending:
                 position, message = client.pending.popleft()
+                client.pending_bytes -= len(message)
                 if position > seen_upto:
                     await ws.send(message)
             client.cursor = max(client.cursor, seen_upto)
             client.pending = None
+            client.pending_bytes = 0
             client.state = State.LIVE
             # This coroutine lives as long as the connection: keep only what the loop needs.
             del first, auth, allowed_topics
@@ -330,14 +373,18 @@ class Worker:
         except ConnectionClosed:
             pass
         finally:
-            client.state = State.CLOSED
-            self.registry.remove(client)
-            self.presence.left(client)
+            self._forget(client)
             close_code = ws.close_code if ws.close_code is not None else "-"
             logger.info("%s user %d disconnected (%s)", remote, identity.user_id, close_code)
 
     async def _resume(self, client: Client, last_id: int, start: int) -> int:
         """Send what ``client`` missed after ``last_id``, or ``reset`` if that cannot be known.
+
+        PostgreSQL picks the client's events (``AUDIENCE_SQL``); at most
+        ``REPLAY_QUERIES`` replay queries run at once, and each batch holds at
+        most about ``REPLAY_BATCH_BYTES`` of event data. ``send()`` waits while
+        the client's socket buffer is full, so a client that does not read
+        holds one batch until keepalive closes it.
 
         Returns the position up to which the client already has every event
         (its ``last_id`` when it is ahead of this worker), else 0.
@@ -349,13 +396,17 @@ class Worker:
                 return 0
             after = last_id
             while after < start:
-                events = await run_sync(read_events, after, start, settings.BATCH_SIZE)
+                audience = (AUDIENCE_SQL, audience_sql_params(client.identity, client.topics))
+                async with self._replay_slots:
+                    events = await run_sync(
+                        read_events, after, start, settings.BATCH_SIZE, audience=audience, max_bytes=REPLAY_BATCH_BYTES
+                    )
                 if not events:
                     break
-                for event in events:
-                    if matches(client.identity, client.topics, event.audience):
-                        await client.ws.send(event.message)
                 after = events[-1].position
+                for event in events:
+                    await client.ws.send(event.message)
+                del events  # not held while waiting for the next batch
             return 0
         if last_id > await run_sync(_newest_known_position):
             # A cursor from the future (e.g. another database): start afresh.
@@ -381,17 +432,33 @@ class Worker:
         if isinstance(parsed, protocol.Ping):
             await ws.send(protocol.encode_pong())
         elif isinstance(parsed, protocol.Subscribe):
-            if await may_subscribe(client.identity, parsed.topic):
-                self.registry.subscribe(client, parsed.topic)
-                self.presence.subscribed(client, parsed.topic)
-                await ws.send(protocol.encode_subscribed(parsed.topic, True))
+            topic = parsed.topic
+            if topic not in client.topics and len(client.topics) >= MAX_TOPICS:
+                refusal = f"A connection may hold at most {MAX_TOPICS} topics; unsubscribe from one first."
+                await ws.send(protocol.encode_error("too_many_topics", refusal, topic=topic))
+            elif await may_subscribe(client.identity, topic):
+                if client.state is not State.CLOSED:
+                    self.registry.subscribe(client, topic)
+                    self.presence.subscribed(client, topic)
+                await ws.send(protocol.encode_subscribed(topic, True))
             else:
-                refusal = f"You may not subscribe to topic {parsed.topic!r}."
-                await ws.send(protocol.encode_error("forbidden", refusal, topic=parsed.topic))
+                refusal = f"You may not subscribe to topic {topic!r}."
+                await ws.send(protocol.encode_error("forbidden", refusal, topic=topic))
         elif isinstance(parsed, protocol.Unsubscribe):
-            self.registry.unsubscribe(client, parsed.topic)
-            self.presence.unsubscribed(client, parsed.topic)
+            self._unsubscribe(client, parsed.topic)
             await ws.send(protocol.encode_subscribed(parsed.topic, False))
+
+    def _unsubscribe(self, client: Client, topic: str) -> None:
+        self.registry.unsubscribe(client, topic)
+        self.presence.unsubscribed(client, topic)
+
+    def _forget(self, client: Client) -> None:
+        """Stop routing to ``client`` at once and drop it from presence; safe to call twice."""
+        client.state = State.CLOSED
+        self.registry.remove(client)
+        self.presence.left(client)
+        if client.held_from is not None:
+            self._release(client)
 
     # Routing, called by the listener in commit order.
 
@@ -400,40 +467,44 @@ class Worker:
 
         One pass over the recipients per event, then ``broadcast()`` of the
         message encoded once. The cost that remains is a ``send()`` system
-        call per recipient.
+        call per recipient. A control event takes effect before the next
+        event is routed: a revoked client receives nothing committed after it.
         """
         now = time.time()
         routed = frames = 0
-        max_pending = settings.MAX_PENDING
+        max_pending, max_buffer = settings.MAX_PENDING, settings.MAX_BUFFER
         for event in events:
             if event.control is not None:
                 self._control(event)
                 continue
+            if self._held_log is not None:
+                self._held_log.append(event)
+                if len(self._held_log) > max_pending:
+                    self._drop_held("too many events while its rights were re-read")
             recipients = self.registry.recipients(event.audience)
             if not recipients:
                 continue
             position, message = event.position, event.message
             live, overflowing = [], []
             for client in recipients:
-                if client.cursor >= position:
-                    continue  # the replay or another path already has it
+                if client.cursor >= position or client.held_from is not None:
+                    continue  # already has it, or its re-read rights decide (_release)
                 client.cursor = position
                 pending = client.pending
                 if pending is None:
                     live.append(client)
-                elif len(pending) < max_pending:
+                elif len(pending) < max_pending and client.pending_bytes < max_buffer:
                     pending.append((position, message))
+                    client.pending_bytes += len(message)
                 else:
                     overflowing.append(client)
             if live:
                 broadcast([client.ws for client in live], message)
                 # A transport pauses its protocol past websockets' write limit (32 KiB):
                 # only those clients can be over MAX_BUFFER.
-                slow = [client for client in live if client.ws.paused]
-                for client in slow:
-                    transport = client.ws.transport
-                    if transport is not None and transport.get_write_buffer_size() > settings.MAX_BUFFER:
-                        self._drop_slow(client, "not reading fast enough")
+                for client in live:
+                    if client.ws.paused:
+                        self._check_buffer(client)
             for client in overflowing:
                 self._drop_slow(client, "too many events queued during replay")
             routed += 1
@@ -443,54 +514,143 @@ class Worker:
         self.metrics.events.inc(routed)
         self.metrics.frames.inc(frames)
 
+    def _check_buffer(self, client: Client) -> None:
+        transport = client.ws.transport
+        if transport is not None and transport.get_write_buffer_size() > settings.MAX_BUFFER:
+            self._drop_slow(client, "not reading fast enough")
+
     def _drop_slow(self, client: Client, reason: str) -> None:
         """Close a client that cannot keep up with 1013; nobody else waits for it."""
         logger.warning("%s user %d closed 1013: %s", client.remote, client.identity.user_id, reason)
         self.metrics.slow_closed.inc()
         # The frame in hand, and whatever was queued for the client, will not be sent.
         self.metrics.dropped.inc(1 + len(client.pending or ()))
-        client.state = State.CLOSED
-        self.registry.remove(client)
+        self._forget(client)
         self._spawn(client.ws.close(CloseCode.TRY_AGAIN_LATER, "too slow"))
 
+    # Control events: logouts and rights changes, applied before the next event.
+
     def _control(self, event: OutboxEvent) -> None:
-        data = json.loads(event.control_data or "{}")
-        if event.control == "realtime.session_ended":
+        try:
+            data = json.loads(event.control_data or "{}")
+        except ValueError:
+            logger.error("control event %d has invalid data; ignored", event.position)
+            return
+        self._recent_controls.append((event.position, event.control or "", data))
+        if event.control == SESSION_ENDED:
             for client in self.registry.for_session(data.get("session", "")):
-                logger.info("%s user %d: session ended, closing 4401", client.remote, client.identity.user_id)
-                self._spawn(client.ws.close(CloseCode.AUTH_FAILED, "session ended"))
-        elif event.control == "realtime.user_changed":
+                self._revoke(client, "session ended")
+        elif event.control == USER_CHANGED:
             clients: set[Client] = set()
             for user_id in data.get("users", ()):
                 clients |= self.registry.for_user(user_id)
             for group in data.get("groups", ()):
                 clients |= self.registry.for_group(group)
             for client in clients:
-                self._spawn(self._refresh(client))
+                self._hold(client, event.position)
 
-    async def _refresh(self, client: Client) -> None:
-        """Re-read ``client``'s rights; close it with 4401 if its session is no longer valid."""
+    def _changed_since(self, position: int, identity: tokens.Identity) -> bool:
+        """Return True if a control event after ``position`` may concern ``identity`` (or cannot be known)."""
+        recent = self._recent_controls
+        for control_position, control, data in reversed(recent):
+            if control_position <= position:
+                return False
+            if control == SESSION_ENDED and data.get("session") == identity.session_hash:
+                return True
+            if control == USER_CHANGED and (
+                identity.user_id in data.get("users", ()) or not identity.groups.isdisjoint(data.get("groups", ()))
+            ):
+                return True
+        # Every remembered control is newer: older ones may have been forgotten.
+        return len(recent) == recent.maxlen
+
+    def _revoke(self, client: Client, reason: str) -> None:
+        """Close ``client`` with 4401; it receives nothing from now on."""
+        if client.state is State.CLOSED:
+            return
+        logger.info("%s user %d: %s, closing 4401", client.remote, client.identity.user_id, reason)
+        self._forget(client)
+        self._spawn(client.ws.close(CloseCode.AUTH_FAILED, reason))
+
+    def _hold(self, client: Client, position: int) -> None:
+        """Re-read ``client``'s rights; meanwhile, events after ``position`` wait for the answer.
+
+        Nothing committed after a rights change reaches the client under its
+        old rights: ``deliver()`` skips a held client, and ``_release()`` sends
+        it what it missed under its new ones, in order.
+        """
+        if client.state is State.CLOSED:
+            return
+        client.rights_version += 1
+        if client.held_from is not None:
+            return  # the re-read in progress sees the new version and reads again
+        client.held_from = position
+        self._held[client] = None
+        if self._held_log is None:
+            self._held_log = []
+        self._spawn(self._reread_rights(client))
+
+    async def _reread_rights(self, client: Client) -> None:
         old = client.identity
         try:
-            identity = await self.verifier.identity_for_session(old.session_key, old.user_id)
-        except DatabaseError as exc:
-            logger.warning("cannot re-check user %d now, keeping their rights: %s", old.user_id, exc)
+            async with asyncio.timeout(settings.AUTH_TIMEOUT):
+                while True:
+                    version = client.rights_version
+                    identity = await self.verifier.identity_for_session(old.session_key, old.user_id)
+                    allowed = await self._allowed_topics(identity, client.topics) if identity is not None else []
+                    if client.rights_version == version or client.state is State.CLOSED:
+                        break
+        except (DatabaseError, TimeoutError) as exc:
+            if client.state is not State.CLOSED:
+                logger.warning("%s user %d closed 1013: cannot re-check rights: %s", client.remote, old.user_id, exc)
+                self._forget(client)
+                self._spawn(client.ws.close(CloseCode.TRY_AGAIN_LATER, "cannot re-check rights, try again"))
             return
-        await self._apply_identity(client, identity)
-
-    async def _apply_identity(self, client: Client, identity: tokens.Identity | None) -> None:
-        """Give ``client`` its re-read rights, or close it with 4401 when there are none."""
         if client.state is State.CLOSED:
             return
         if identity is None:
-            logger.info("%s user %d: access revoked, closing 4401", client.remote, client.identity.user_id)
-            await client.ws.close(CloseCode.AUTH_FAILED, "access revoked")
+            self._revoke(client, "access revoked")
             return
+        self._apply_identity(client, identity, allowed)
+        self._release(client)
+
+    async def _allowed_topics(self, identity: tokens.Identity, topics: Iterable[str]) -> list[str]:
+        return [topic for topic in topics if await may_subscribe(identity, topic)]
+
+    def _apply_identity(self, client: Client, identity: tokens.Identity, allowed_topics: list[str]) -> None:
+        """Give ``client`` its re-read rights; it keeps only ``allowed_topics`` of its topics."""
         self.registry.update_identity(client, identity)
-        for topic in list(client.topics):
-            if not await may_subscribe(identity, topic):
-                self.registry.unsubscribe(client, topic)
-                self.presence.unsubscribed(client, topic)
+        for topic in client.topics.difference(allowed_topics):
+            self._unsubscribe(client, topic)
+
+    def _release(self, client: Client) -> None:
+        """End ``client``'s hold: send it, by its current rights, what was routed meanwhile."""
+        held_from, client.held_from = client.held_from, None
+        self._held.pop(client, None)
+        log = self._held_log or []
+        if not self._held:
+            self._held_log = None
+        if client.state is State.CLOSED or held_from is None:
+            return
+        start = bisect.bisect_right(log, max(held_from, client.cursor), key=lambda event: event.position)
+        missed = [e for e in log[start:] if matches(client.identity, client.topics, e.audience)]
+        if not missed:
+            return
+        client.cursor = missed[-1].position
+        if client.pending is not None:  # still replaying: these follow the replay
+            client.pending.extend((event.position, event.message) for event in missed)
+            client.pending_bytes += sum(len(event.message) for event in missed)
+            return
+        for event in missed:
+            broadcast([client.ws], event.message)
+        self._check_buffer(client)
+
+    def _drop_held(self, reason: str) -> None:
+        """Close every held client with 1013 (they resume on reconnection) and forget the log."""
+        for client in list(self._held):
+            self._drop_slow(client, reason)
+        self._held.clear()
+        self._held_log = None
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coroutine)
