@@ -8,3 +8,11 @@ def members_only(user, topic: str) -> bool:
 
 def broken(user, topic: str) -> bool:
     raise RuntimeError("policy bug")
+
+
+def slow(user, topic: str) -> bool:
+    """Allow every topic, after a second: holds a login between its token check and its registration."""
+    import time
+
+    time.sleep(1.0)
+    return True
