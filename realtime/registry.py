@@ -102,7 +102,7 @@ AUDIENCE_SQL = (
     " OR groups && %(groups)s::varchar[]"
     " OR (cardinality(permissions) > 0 AND %(is_superuser)s)"
     " OR permissions && %(permissions)s::varchar[]"
-    " OR topic = ANY(%(topics)s::varchar[]))"
+    " OR coalesce(topic = ANY(%(topics)s::varchar[]), false))"
 )
 
 
