@@ -242,3 +242,18 @@ def test_simultaneous_first_subscriptions_on_two_workers_announce_once():
 def test_client_ip_is_extracted_from_the_remote_address(remote, ip):
     """The stored client IP has no port, whichever form the worker logged."""
     assert _ip_of(remote) == ip
+
+
+def test_a_nul_topic_is_refused_and_presence_keeps_working(transactional_db):
+    """Subscribing to a topic with a NUL is refused; everyone else's presence is still written."""
+    with workers(1) as (worker,):
+        mallory, alice = make_user("mallory"), make_user("alice")
+        attacker, _ = open_ws(worker, get_token(logged_in(mallory)))
+        attacker.send('{"type": "subscribe", "topic": "room:x\\u0000y"}')
+        assert receive(attacker)["code"] == "bad_topic"
+        ws, _ = open_ws(worker, get_token(logged_in(alice)), topics=["room:lobby"])
+        eventually(lambda: set(online_users("room:lobby").values_list("username", flat=True)) == {"alice"})
+        eventually(lambda: set(online_users().values_list("username", flat=True)) == {"alice", "mallory"})
+        assert "Traceback" not in worker.log()
+        attacker.close()
+        ws.close()
