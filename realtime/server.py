@@ -50,7 +50,7 @@ from realtime.presence import PresenceTracker
 from realtime.protocol import MAX_TOPICS, CloseCode, State
 from realtime.ratelimit import KeyedThrottle, TokenBucket
 from realtime.registry import AUDIENCE_SQL, Client, Registry, audience_sql_params, matches
-from realtime.topics import may_subscribe
+from realtime.topics import allowed_topics, may_subscribe
 from realtime.verifier import Verifier
 
 __all__ = ["RESERVED_FILES", "Worker", "connection_limit", "wait_for_stop_signal"]
@@ -66,6 +66,8 @@ RESERVED_FILES = 128
 REPLAY_QUERIES = 4
 # A replay batch holds at most about this much event data in memory.
 REPLAY_BATCH_BYTES = 1024 * 1024
+# Events kept for held clients (see Worker._hold), at most (else they are closed 1013 and resume).
+HELD_LOG_BYTES = 64 * 1024 * 1024
 # Control events remembered to check logins that were in flight when they arrived.
 RECENT_CONTROLS = 1024
 SESSION_ENDED = "realtime.session_ended"
@@ -121,6 +123,7 @@ class Worker:
         # oldest of them was held (None while no client is held): see _hold().
         self._held: dict[Client, None] = {}
         self._held_log: list[OutboxEvent] | None = None
+        self._held_log_bytes = 0
         self._recent_controls: deque[tuple[int, str, dict[str, Any]]] = deque(maxlen=RECENT_CONTROLS)
 
     async def run(
@@ -298,7 +301,8 @@ class Worker:
             logger.info("%s closed %d: %s", remote, exc.close_code, exc.message)
             await ws.close(exc.close_code or CloseCode.POLICY_VIOLATION, exc.message)
             return
-        if not self.auth_failures.allowed(remote):
+        # Behind a local proxy that sends no X-Forwarded-For, every client is "unix": not throttled together.
+        if remote != "unix" and not self.auth_failures.allowed(remote):
             self.metrics.authentications.labels("throttled").inc()
             logger.info("%s closed 1013: too many failed authentications from this address", remote)
             await ws.close(CloseCode.TRY_AGAIN_LATER, "too many failed authentications, try again later")
@@ -306,10 +310,12 @@ class Worker:
         # Control events after this position may have changed what the check below reads.
         checked_after = self.listener.cursor or 0
         try:
-            identity, reason = await self.verifier.check(auth.token)
-        except DatabaseError as exc:
+            async with asyncio.timeout(settings.AUTH_TIMEOUT):
+                identity, reason = await self.verifier.check(auth.token)
+        except (DatabaseError, TimeoutError) as exc:
             self.metrics.authentications.labels("unavailable").inc()
-            logger.warning("%s closed 1013: cannot verify the token, database unavailable: %s", remote, exc)
+            reason = str(exc) or f"no answer in {settings.AUTH_TIMEOUT}s"
+            logger.warning("%s closed 1013: cannot verify the token, database unavailable: %s", remote, reason)
             await ws.close(CloseCode.TRY_AGAIN_LATER, "database unavailable, try again")
             return
         if identity is None:
@@ -479,7 +485,8 @@ class Worker:
                 continue
             if self._held_log is not None:
                 self._held_log.append(event)
-                if len(self._held_log) > max_pending:
+                self._held_log_bytes += len(event.message or "")
+                if len(self._held_log) > max_pending or self._held_log_bytes > HELD_LOG_BYTES:
                     self._drop_held("too many events while its rights were re-read")
             recipients = self.registry.recipients(event.audience)
             if not recipients:
@@ -615,7 +622,7 @@ class Worker:
         self._release(client)
 
     async def _allowed_topics(self, identity: tokens.Identity, topics: Iterable[str]) -> list[str]:
-        return [topic for topic in topics if await may_subscribe(identity, topic)]
+        return await allowed_topics(identity, topics)
 
     def _apply_identity(self, client: Client, identity: tokens.Identity, allowed_topics: list[str]) -> None:
         """Give ``client`` its re-read rights; it keeps only ``allowed_topics`` of its topics."""
@@ -629,7 +636,7 @@ class Worker:
         self._held.pop(client, None)
         log = self._held_log or []
         if not self._held:
-            self._held_log = None
+            self._held_log, self._held_log_bytes = None, 0
         if client.state is State.CLOSED or held_from is None:
             return
         start = bisect.bisect_right(log, max(held_from, client.cursor), key=lambda event: event.position)
@@ -650,7 +657,7 @@ class Worker:
         for client in list(self._held):
             self._drop_slow(client, reason)
         self._held.clear()
-        self._held_log = None
+        self._held_log, self._held_log_bytes = None, 0
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coroutine)

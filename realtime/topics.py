@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from fnmatch import fnmatchcase
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.db import DatabaseError
 from django.utils.module_loading import import_string
 
 from realtime.conf import settings
 from realtime.db import run_sync
 from realtime.tokens import Identity
 
-__all__ = ["can_subscribe", "load_policy", "may_subscribe"]
+__all__ = ["allowed_topics", "can_subscribe", "load_policy", "may_subscribe"]
 
 logger = logging.getLogger("realtime.topics")
 
@@ -51,20 +52,40 @@ def load_policy(path: str) -> Callable[[Any, str], bool]:
     return policy
 
 
-def _custom(path: str, user_id: int, topic: str) -> bool:
+def _custom(path: str, user: Any, topic: str) -> bool:
     try:
-        user = get_user_model()._default_manager.filter(pk=user_id).first()
-        if user is None or not getattr(user, "is_active", True):
-            return False
         return load_policy(path)(user, topic) is True
     except Exception:
-        logger.exception("TOPIC_POLICY %s failed for user %d and topic %r: refused", path, user_id, topic)
+        logger.exception("TOPIC_POLICY %s failed for user %d and topic %r: refused", path, user.pk, topic)
         return False
 
 
 async def may_subscribe(identity: Identity, topic: str) -> bool:
     """Return True if ``identity`` may subscribe to ``topic``, by the configured policy."""
+    return bool(await allowed_topics(identity, [topic]))
+
+
+async def allowed_topics(identity: Identity, topics: Iterable[str]) -> list[str]:
+    """Return those of ``topics`` that ``identity`` may subscribe to, in order.
+
+    With ``TOPIC_POLICY``, every topic is decided in one call to the thread
+    pool (a login may name up to 100 topics).
+    """
+    topics = list(topics)
     path = settings.TOPIC_POLICY
     if path is None:
-        return can_subscribe(identity, topic)
-    return await run_sync(_custom, path, identity.user_id, topic)
+        return [topic for topic in topics if can_subscribe(identity, topic)]
+    if not topics:
+        return []
+    return await run_sync(_custom_many, path, identity.user_id, topics)
+
+
+def _custom_many(path: str, user_id: int, topics: list[str]) -> list[str]:
+    try:
+        user = get_user_model()._default_manager.filter(pk=user_id).first()
+    except DatabaseError as exc:
+        logger.warning("TOPIC_POLICY: cannot read user %d, topics refused: %s", user_id, exc)
+        return []
+    if user is None or not getattr(user, "is_active", True):
+        return []
+    return [topic for topic in topics if _custom(path, user, topic)]
