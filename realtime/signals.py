@@ -7,7 +7,9 @@
 - Logout publishes a control event carrying a hash of the session key (never
   the key) so the workers close that session's sockets.
 - Changes to a user (active, staff, superuser, groups, permissions) publish a
-  control event so the workers re-check that user's open connections.
+  control event so the workers re-check that user's open connections. So do
+  a group renamed or deleted, and a permission deleted (also by a cascade,
+  such as deleting its content type): its holders lose it.
 """
 
 from __future__ import annotations
@@ -148,6 +150,19 @@ def _on_group_changed(sender: Any, instance: Group, created: bool = False, **kwa
         publish_control("realtime.user_changed", {"users": members})
 
 
+def _on_permission_deleted(sender: Any, instance: Permission, **kwargs: Any) -> None:
+    """A permission deleted: those who held it directly or through a group lose it.
+
+    Read before the delete, while its user and group links still exist (a
+    cascade, such as deleting its content type, also sends ``pre_delete``
+    for each permission). Superusers hold every permission anyway.
+    """
+    users = sorted(instance.user_set.values_list("pk", flat=True))
+    groups = sorted(instance.group_set.values_list("name", flat=True))
+    if users or groups:
+        publish_control("realtime.user_changed", {"users": users, "groups": groups})
+
+
 def connect() -> None:
     """Connect the receivers; called once from ``RealtimeConfig.ready()``."""
     User = get_user_model()
@@ -166,3 +181,4 @@ def connect() -> None:
         post_delete.connect(_on_session_deleted, sender=Session, dispatch_uid="realtime.session_deleted")
     # Before the delete: afterwards the members can no longer be found.
     pre_delete.connect(_on_group_changed, sender=Group, dispatch_uid="realtime.group_deleted")
+    pre_delete.connect(_on_permission_deleted, sender=Permission, dispatch_uid="realtime.permission_deleted")

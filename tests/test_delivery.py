@@ -102,7 +102,9 @@ def while_running(action: Callable[[], None]) -> threading.Thread:
 def terminate_listener() -> int:
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'realtime-listener'"
+            # This test database's listeners only: other runs may share the server.
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = 'realtime-listener' AND datname = current_database()"
         )
         return cursor.fetchone()[0]
 
