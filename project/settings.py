@@ -13,13 +13,16 @@ DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
 ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",")
 
 INSTALLED_APPS = [
+    # Before the admin: realtime's admin/base_site.html adds live toasts to Django's.
+    "realtime",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
-    "realtime",
+    # The outbox's array columns (Django 6 requires it for ArrayField).
+    "django.contrib.postgres",
 ]
 
 MIDDLEWARE = [

@@ -31,8 +31,9 @@ def test_e001_when_database_is_not_postgresql():
     result = manage("check", DJANGO_SETTINGS_MODULE="tests.settings_sqlite")
     assert result.returncode == 1
     assert "realtime.E001" in result.stderr
-    assert "needs PostgreSQL, but the default database is sqlite" in result.stderr
-    assert "HINT: Set DATABASES['default']['ENGINE']" in result.stderr
+    assert "needs PostgreSQL, but DATABASES['default'] is sqlite" in result.stderr
+    assert "HINT: Set DATABASES['default']['ENGINE'] to 'django.db.backends.postgresql'" in result.stderr
+    assert "DATABASE_URL" not in result.stderr  # a setting of this demo, not of the user's project
     assert "Traceback" not in result.stderr
 
 
@@ -69,6 +70,50 @@ def test_w002_when_every_host_is_allowed_and_no_origins_are_set():
         assert warning.id == "realtime.W002"
         with override_settings(REALTIME={"ALLOWED_ORIGINS": ["https://example.com"]}):
             assert check_origins() == []
+
+
+@pytest.mark.parametrize("backend", ["locmem.LocMemCache", "dummy.DummyCache"])
+def test_e005_cache_sessions_on_a_per_process_cache(backend):
+    """Cache sessions on a cache private to each process are an error: the worker could not see them."""
+    from realtime.checks import check_session_engine
+
+    caches = {"default": {"BACKEND": f"django.core.cache.backends.{backend}"}}
+    with override_settings(SESSION_ENGINE="django.contrib.sessions.backends.cache", CACHES=caches):
+        (error,) = check_session_engine()
+    assert error.id == "realtime.E005"
+    assert "private to each process" in error.msg
+    shared = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "cache"}}
+    with override_settings(SESSION_ENGINE="django.contrib.sessions.backends.cache", CACHES=shared):
+        assert check_session_engine() == []
+    with override_settings(SESSION_ENGINE="django.contrib.sessions.backends.cached_db", CACHES=caches):
+        assert check_session_engine() == []  # cached_db falls back to the database
+
+
+def test_w003_when_the_admin_template_does_not_lead_to_realtime(tmp_path):
+    """A site admin/base_site.html that extends admin/base.html gets a warning; one that extends base_site does not."""
+    from django.conf import settings
+
+    from realtime.checks import check_admin_template
+
+    (tmp_path / "admin").mkdir()
+    template = tmp_path / "admin" / "base_site.html"
+    templates = [{**settings.TEMPLATES[0], "DIRS": [tmp_path]}]
+    template.write_text('{% extends "admin/base.html" %}')
+    with override_settings(TEMPLATES=templates):
+        (warning,) = check_admin_template()
+    assert warning.id == "realtime.W003"
+    assert str(template) in warning.msg
+    template.write_text('{% extends "admin/base_site.html" %}{% block title %}Mine{% endblock %}')
+    with override_settings(TEMPLATES=templates):
+        assert check_admin_template() == []
+    include = '{% include "realtime/admin_toasts.html" %}'
+    template.write_text(f'{{% extends "admin/base.html" %}}{{% block extrahead %}}{include}{{% endblock %}}')
+    with override_settings(TEMPLATES=templates):
+        assert check_admin_template() == []
+    apps = [app for app in settings.INSTALLED_APPS if app != "realtime"] + ["realtime"]
+    with override_settings(INSTALLED_APPS=apps, TEMPLATES=[{**settings.TEMPLATES[0], "DIRS": []}]):
+        (warning,) = check_admin_template()
+    assert "Put 'realtime' before 'django.contrib.admin'" in warning.hint
 
 
 @pytest.mark.parametrize(
