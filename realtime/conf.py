@@ -135,6 +135,8 @@ class Settings:
         if not isinstance(user, dict):
             self.errors.append("REALTIME must be a dict.")
             user = {}
+        # Keys the site set itself: a limit it chose deserves a warning when it cannot be met.
+        self.explicit = frozenset(key for key in user if key in DEFAULTS)
         for key in sorted(set(user) - set(DEFAULTS)):
             self.errors.append(f"Unknown REALTIME setting {key!r}.")
         values = {**DEFAULTS, **{k: v for k, v in user.items() if k in DEFAULTS}}

@@ -148,7 +148,7 @@ class Worker:
         loop.set_default_executor(ThreadPoolExecutor(settings.THREADS, thread_name_prefix="realtime-db"))
         await self.verifier.open()
         self.max_connections = connection_limit()
-        if self.max_connections < settings.MAX_CONNECTIONS:
+        if self.max_connections < settings.MAX_CONNECTIONS and "MAX_CONNECTIONS" in settings.explicit:
             logger.warning(
                 "MAX_CONNECTIONS is %d, but this process may open only %d files: serving at most %d connections "
                 "(raise the open-files limit: LimitNOFILE= in systemd, ulimit -n in a shell)",
@@ -156,6 +156,8 @@ class Worker:
                 self.max_connections + RESERVED_FILES,
                 self.max_connections,
             )
+        else:
+            logger.info("serving at most %d connections", self.max_connections)
         tasks = [
             asyncio.create_task(self.listener.run(), name="realtime-listener"),
             asyncio.create_task(self._prune_forever(), name="realtime-pruner"),

@@ -35,7 +35,10 @@ def _worker_main(host: str, port: int, number: int, keep_open: float) -> None:
     import django
 
     django.setup()
+    from realtime.logs import log_to_stderr_unless_configured
     from realtime.memory import return_freed_memory_to_os, tune_garbage_collector
+
+    log_to_stderr_unless_configured()
     from realtime.server import Worker, wait_for_stop_signal
 
     return_freed_memory_to_os()

@@ -294,3 +294,29 @@ def test_runwebsockets_listens_on_ipv6():
         output, _ = process.communicate(timeout=15)
     assert f"listening on [::1]:{port}" in output
     assert "[::1]" in output
+
+
+def test_runwebsockets_logs_to_stderr_in_a_site_without_logging(transactional_db):
+    """With no LOGGING for realtime, the worker's own lines reach stderr; a default limit is not a warning."""
+    from tests.conftest import start_worker
+
+    worker = start_worker(extra_env={"DJANGO_SETTINGS_MODULE": "tests.settings_bare"}, open_files=1024)
+    try:
+        log = worker.log()
+        assert "INFO realtime.server worker (pid" in log
+        assert "listening on 127.0.0.1:" in log
+        assert "serving at most 896 connections" in log
+        assert "WARNING" not in log
+    finally:
+        worker.stop()
+
+
+def test_an_explicit_max_connections_over_the_open_files_limit_is_a_warning(transactional_db):
+    """A MAX_CONNECTIONS the site chose, that the open-files limit cannot meet, is logged as a warning."""
+    from tests.conftest import start_worker
+
+    worker = start_worker(realtime={"MAX_CONNECTIONS": 5000}, open_files=1024)
+    try:
+        assert "MAX_CONNECTIONS is 5000, but this process may open only 1024 files" in worker.log()
+    finally:
+        worker.stop()

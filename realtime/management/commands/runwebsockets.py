@@ -15,6 +15,7 @@ from django.db.utils import OperationalError
 from django.utils import autoreload
 
 from realtime.conf import settings
+from realtime.logs import log_to_stderr_unless_configured
 from realtime.memory import return_freed_memory_to_os, tune_garbage_collector
 from realtime.server import Worker, wait_for_stop_signal
 from realtime.supervisor import run_workers
@@ -78,6 +79,7 @@ class Command(BaseCommand):
         if workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
             raise CommandError("--workers needs SO_REUSEPORT, which this platform lacks; run one worker per port.")
         self._check_database()
+        log_to_stderr_unless_configured()
         _raise_open_files_limit()
         return_freed_memory_to_os()
         tune_garbage_collector()
