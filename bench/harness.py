@@ -760,12 +760,12 @@ def machine() -> dict[str, Any]:
 
 def _workers_past_open_files_limit(sizes: Sizes, capacity: dict[str, Any]) -> int | None:
     """How many server processes ``sizes.capacity`` connections need, if the open-files limit kept two short."""
-    from realtime.server import RESERVED_FILES
+    from realtime.server import reserved_files
 
     limit = _open_files_hard_limit()
     if limit is None or capacity["held"] >= sizes.capacity:
         return None
-    per_process = limit - RESERVED_FILES
+    per_process = limit - reserved_files()
     if per_process * sizes.capacity_workers >= sizes.capacity:
         return None  # not the limit's doing
     return math.ceil(sizes.capacity / per_process)

@@ -67,7 +67,10 @@ def guarded_connection(limit: Callable[[], int]) -> type[ServerConnection]:
         def process_event(self, event: Any) -> None:
             is_control = isinstance(event, Frame) and event.opcode in (Opcode.PING, Opcode.PONG)
             if is_control and not self.control_frames.allow():
-                if self.closing_task is None:
+                if self.closing_task is not None:
+                    # Still flooding after the close: websockets would keep answering its pings.
+                    self.transport.abort()
+                else:
                     logger.info("%s closed 1008: too many pings", _peer(self))
                     self.closing_task = asyncio.ensure_future(
                         self.close(CloseCode.POLICY_VIOLATION, "too many control frames")

@@ -43,7 +43,7 @@ from realtime import protocol, retention, tokens
 from realtime.conf import settings
 from realtime.db import OutboxEvent, listener_conninfo, read_events, run_sync
 from realtime.handshake import allowed_origins, client_ip
-from realtime.limits import guarded_connection
+from realtime.limits import HARD_MARGIN, guarded_connection
 from realtime.listener import Listener
 from realtime.metrics import Metrics
 from realtime.presence import PresenceTracker
@@ -53,14 +53,26 @@ from realtime.registry import AUDIENCE_SQL, Client, Registry, audience_sql_param
 from realtime.topics import allowed_topics, may_subscribe
 from realtime.verifier import Verifier
 
-__all__ = ["RESERVED_FILES", "Worker", "connection_limit", "wait_for_stop_signal"]
+__all__ = ["BACKLOG", "Worker", "connection_limit", "reserved_files", "wait_for_stop_signal"]
 
 logger = logging.getLogger("realtime.server")
 
 
-# File descriptors kept for everything but clients: database connections (listener,
-# logins, the thread pool), logs, the listening sockets.
-RESERVED_FILES = 128
+# The listen queue, and the most sockets asyncio accepts in one round: about
+# three rounds are open before their connections are counted (limits.py).
+BACKLOG = 100
+
+
+def reserved_files() -> int:
+    """File descriptors kept for everything but counted clients.
+
+    The worker's own (listener, login pool, up to ``THREADS`` pool connections,
+    logs, listening sockets), the sockets reset past the connection limit
+    (``HARD_MARGIN``), and about three accept rounds not yet counted.
+    """
+    return settings.THREADS + 32 + HARD_MARGIN + 3 * BACKLOG
+
+
 # Replay queries running at once in one worker: reconnecting clients share
 # the database fairly, and a flood of deep replays holds at most this many backends.
 REPLAY_QUERIES = 4
@@ -75,7 +87,7 @@ USER_CHANGED = "realtime.user_changed"
 
 
 def connection_limit() -> int:
-    """``MAX_CONNECTIONS``, lowered to what this process may open (RLIMIT_NOFILE) less ``RESERVED_FILES``.
+    """``MAX_CONNECTIONS``, lowered to what this process may open (RLIMIT_NOFILE) less ``reserved_files()``.
 
     Past its open-files limit a process can neither accept nor reach the
     database: better answer 503 to the next client than fail everyone.
@@ -87,7 +99,7 @@ def connection_limit() -> int:
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY:
         return settings.MAX_CONNECTIONS
-    return max(1, min(settings.MAX_CONNECTIONS, soft - RESERVED_FILES))
+    return max(1, min(settings.MAX_CONNECTIONS, soft - reserved_files()))
 
 
 def wait_for_stop_signal() -> asyncio.Future[None]:
@@ -153,7 +165,7 @@ class Worker:
                 "MAX_CONNECTIONS is %d, but this process may open only %d files: serving at most %d connections "
                 "(raise the open-files limit: LimitNOFILE= in systemd, ulimit -n in a shell)",
                 settings.MAX_CONNECTIONS,
-                self.max_connections + RESERVED_FILES,
+                self.max_connections + reserved_files(),
                 self.max_connections,
             )
         else:
@@ -174,6 +186,7 @@ class Worker:
             "close_timeout": settings.CLOSE_TIMEOUT,
             "compression": settings.COMPRESSION,
             "create_connection": guarded_connection(lambda: self.max_connections),
+            "backlog": BACKLOG,
             **serve_kwargs,
         }
         try:

@@ -305,7 +305,7 @@ def test_runwebsockets_logs_to_stderr_in_a_site_without_logging(transactional_db
         log = worker.log()
         assert "INFO realtime.server worker (pid" in log
         assert "listening on 127.0.0.1:" in log
-        assert "serving at most 896 connections" in log
+        assert "serving at most 596 connections" in log
         assert "WARNING" not in log
     finally:
         worker.stop()

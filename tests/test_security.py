@@ -120,8 +120,8 @@ def test_global_connection_cap_answers_503(transactional_db):
 
 
 def test_open_files_limit_lowers_the_connection_cap(transactional_db):
-    """A process allowed 300 files serves 172 connections (128 kept for the rest), then answers 503, and says so."""
-    worker = start_worker(open_files=300)
+    """A process allowed 600 files serves 172 connections (428 kept for the rest), then answers 503, and says so."""
+    worker = start_worker(open_files=600)
     held = []
     try:
         assert "serving at most 172 connections" in worker.log()
