@@ -208,7 +208,8 @@ def test_two_workers_one_killed_clients_resume_on_the_other(transactional_db):
             os.kill(victim, signal.SIGKILL)
 
         killer = while_running(kill)
-        publish_concurrently(alice, threads=2, per_thread=150)
+        # About 0.75 s of publishing: the kill at 0.3 s lands mid-stream, however fast the machine.
+        publish_concurrently(alice, threads=2, per_thread=150, pause=0.005)
         killer.join(10)
         expected = committed_positions(alice)
         assert len(expected) == 300
