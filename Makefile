@@ -1,12 +1,13 @@
 # make run  : set up and run Django (127.0.0.1:8000) and the websocket worker (127.0.0.1:8765)
 # make test : set up and run the whole test suite (ruff included)
+# make matrix : the suite on Python 3.11 + Django 5.2 and Python 3.12 + Django 6.1 (nox)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # A stamp file, not .venv/bin/python: touching that symlink touches the system Python.
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format pg-stop clean
+.PHONY: run test matrix lint format pg-stop clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (found %s); run: make PYTHON=python3.12" % sys.version.split()[0])'
@@ -23,6 +24,10 @@ test: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
+# Python 3.11 + Django 5.2 LTS and Python 3.12 + Django 6.1, each in its own nox virtualenv.
+matrix: $(STAMP)
+	$(PY) -m nox
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -36,7 +41,7 @@ pg-stop: $(STAMP)
 	$(PY) -m project.devrun --stop-database
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .nox .pytest_cache .ruff_cache
 
 # make bench       : this project against Django Channels on this machine (about 16 minutes);
 #                    writes bench/results/results.md and plot.png and prints the table.
