@@ -1,22 +1,82 @@
 """Live, commit-safe events from Django to browsers over websockets.
 
-Import ``publish`` from here: ``from realtime import publish``.
+Import the API from here: ``from realtime import publish``. The functions
+import ``realtime.outbox`` on first call, because this package is imported
+while Django loads its apps, before models may be.
+
+- :func:`publish` and :func:`publish_many` write to the outbox in the
+  caller's transaction (sync code).
+- :func:`apublish` and :func:`apublish_many` are their twins for async code,
+  following Django's async ORM: each runs its sync twin through
+  ``sync_to_async`` (thread-sensitive, so on the connection of the request's
+  other ORM calls). Outside ``transaction.atomic()``, that connection is in
+  autocommit mode and the event commits at once, on its own. To publish
+  atomically with a change, write both in a sync function under
+  ``transaction.atomic()`` and await it with ``sync_to_async``.
 """
 
-from typing import Any
+from __future__ import annotations
 
-__all__ = ["publish", "publish_many"]
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from asgiref.sync import sync_to_async
+
+if TYPE_CHECKING:
+    from realtime.models import Event
+
+__all__ = ["apublish", "apublish_many", "publish", "publish_many"]
 
 
-def publish(*args: Any, **kwargs: Any) -> Any:
-    """Publish an event in the current transaction; see ``realtime.outbox.publish``."""
-    from realtime.outbox import publish as _publish
+def publish(
+    event: str,
+    data: Any = None,
+    *,
+    users: Iterable[Any] = (),
+    groups: Iterable[Any] = (),
+    permission: str | None = None,
+    staff: bool = False,
+    everyone: bool = False,
+    topic: str | None = None,
+) -> Event:
+    """Publish ``event`` with ``data`` to an audience, inside the current transaction.
 
-    return _publish(*args, **kwargs)
+    See :func:`realtime.outbox.publish` for the audience, the return value and the errors.
+    """
+    from realtime.outbox import publish as outbox_publish
+
+    return outbox_publish(
+        event, data, users=users, groups=groups, permission=permission, staff=staff, everyone=everyone, topic=topic
+    )
 
 
-def publish_many(*args: Any, **kwargs: Any) -> Any:
-    """Publish many events in one COPY; see ``realtime.outbox.publish_many``."""
-    from realtime.outbox import publish_many as _publish_many
+def publish_many(events: Iterable[dict[str, Any]]) -> int:
+    """Publish many events in the current transaction with one COPY; return how many.
 
-    return _publish_many(*args, **kwargs)
+    See :func:`realtime.outbox.publish_many`.
+    """
+    from realtime.outbox import publish_many as outbox_publish_many
+
+    return outbox_publish_many(events)
+
+
+async def apublish(
+    event: str,
+    data: Any = None,
+    *,
+    users: Iterable[Any] = (),
+    groups: Iterable[Any] = (),
+    permission: str | None = None,
+    staff: bool = False,
+    everyone: bool = False,
+    topic: str | None = None,
+) -> Event:
+    """Async :func:`publish`: in autocommit mode (the usual case in async code), it commits at once."""
+    return await sync_to_async(publish)(
+        event, data, users=users, groups=groups, permission=permission, staff=staff, everyone=everyone, topic=topic
+    )
+
+
+async def apublish_many(events: Iterable[dict[str, Any]]) -> int:
+    """Async :func:`publish_many`; ``events`` is iterated in Django's sync thread, so it may query the ORM."""
+    return await sync_to_async(publish_many)(events)
