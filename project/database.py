@@ -20,6 +20,9 @@ from psycopg.conninfo import conninfo_to_dict
 
 __all__ = ["database_settings", "embedded_uri", "is_embedded"]
 
+# Database connections each process may hold (web server process, websocket worker's ORM work).
+POOL_SIZE = int(os.environ.get("DJANGO_DB_POOL_SIZE", "10"))
+
 # Keys that map to Django's own DATABASES entries; the rest go to OPTIONS.
 _DJANGO_KEYS = {"dbname": "NAME", "user": "USER", "password": "PASSWORD", "host": "HOST", "port": "PORT"}
 
@@ -67,7 +70,12 @@ def database_settings(base_dir: Path) -> dict[str, Any]:
     if os.environ.get("DJANGO_TEST_DB_NAME"):
         # Two test runs on one server need two test databases.
         config["TEST"] = {"NAME": os.environ["DJANGO_TEST_DB_NAME"]}
-    # Reuse connections in the websocket worker's thread pool and in Django.
-    config["CONN_MAX_AGE"] = 60
+    # Django's connection pool (psycopg_pool): each process holds at most POOL_SIZE connections,
+    # however many threads it runs (runserver starts one per HTTP connection; the websocket
+    # worker has REALTIME["THREADS"]). A request borrows one and gives it back at its end.
+    config["OPTIONS"]["pool"] = {"min_size": 1, "max_size": POOL_SIZE, "timeout": 10}
+    config["CONN_MAX_AGE"] = 0  # the pool keeps the connections; Django refuses both at once
+    # With a pool, Django checks each connection as it leaves the pool: one that died while
+    # idle (PostgreSQL restarted) is replaced, not handed out.
     config["CONN_HEALTH_CHECKS"] = True
     return config

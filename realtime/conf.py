@@ -84,6 +84,10 @@ DEFAULTS: dict[str, Any] = {
     # Each worker writes its heartbeat and its connections' presence this
     # often, in seconds; a worker silent for 3 intervals + 2 s counts as dead.
     "PRESENCE_INTERVAL": 2.0,
+    # The database the workers LISTEN on (and read the outbox from): None for
+    # DATABASES["default"], a DATABASES alias, or a libpq connection string or
+    # URI. Set it when "default" goes through a pooler in transaction mode.
+    "LISTEN_DATABASE": None,
     # Topics (fnmatch patterns) whose subscribers receive presence.join and
     # presence.leave events when a user's first / last connection comes and goes.
     "PRESENCE_TOPICS": [],
@@ -196,6 +200,13 @@ class Settings:
         if values["TOPIC_POLICY"] is not None and not isinstance(values["TOPIC_POLICY"], str):
             self.errors.append("REALTIME['TOPIC_POLICY'] must be None or a dotted path to can_subscribe(user, topic).")
             values["TOPIC_POLICY"] = None
+        target = values["LISTEN_DATABASE"]
+        if target is not None and not _is_database(target):
+            self.errors.append(
+                f"REALTIME['LISTEN_DATABASE'] must be None, a DATABASES alias or a libpq connection string, "
+                f"not {target!r}."
+            )
+            values["LISTEN_DATABASE"] = None
         if not isinstance(values["TOPICS"], dict):
             self.errors.append("REALTIME['TOPICS'] must be a dict of pattern -> permission or None.")
             values["TOPICS"] = DEFAULTS["TOPICS"]
@@ -206,6 +217,21 @@ class Settings:
             return self._values[name]
         except KeyError:
             raise AttributeError(f"Unknown REALTIME setting: {name}") from None
+
+
+def _is_database(target: object) -> bool:
+    if not isinstance(target, str) or not target:
+        return False
+    if target in getattr(django_settings, "DATABASES", {}):
+        return True
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(target)
+    except ProgrammingError:
+        return False
+    return True
 
 
 settings = Settings()

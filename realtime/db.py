@@ -16,15 +16,18 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 from django.db import DEFAULT_DB_ALIAS, close_old_connections, connections
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from realtime.conf import settings
 from realtime.registry import Audience
 
 __all__ = [
     "EVENT_COLUMNS",
     "EVENT_MESSAGE",
     "OutboxEvent",
+    "listen_conninfo",
     "listener_conninfo",
+    "prepare_threshold",
     "read_events",
     "row_to_event",
     "run_sync",
@@ -33,8 +36,16 @@ __all__ = [
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# Keys of DATABASES[...]["OPTIONS"] that are Django's, not libpq's.
-_NON_LIBPQ_OPTIONS = {"isolation_level", "server_side_binding", "assume_role", "pool", "cursor_factory", "context"}
+# Keys of DATABASES[...]["OPTIONS"] that are Django's or psycopg's, not libpq's.
+_NON_LIBPQ_OPTIONS = {
+    "isolation_level",
+    "server_side_binding",
+    "assume_role",
+    "pool",
+    "cursor_factory",
+    "context",
+    "prepare_threshold",
+}
 
 # The wire message of an event (protocol.encode_event's format), built by
 # PostgreSQL from the row: the worker sends it as is, without decoding or
@@ -127,6 +138,31 @@ def read_events(
         return [row_to_event(row) for row in cursor.fetchall()]
 
 
+def listen_conninfo() -> str:
+    """Return the libpq connection string of the listener's LISTEN and reading connections.
+
+    ``REALTIME["LISTEN_DATABASE"]``: a ``DATABASES`` alias, or a libpq
+    connection string or URI; by default ``DATABASES["default"]``. LISTEN needs a
+    session of its own, so when the default goes through a pooler in
+    transaction mode (PgBouncer), point this at the server directly.
+    """
+    target = settings.LISTEN_DATABASE
+    if target is None or target in connections.settings:
+        return listener_conninfo(target or DEFAULT_DB_ALIAS)
+    params: dict[str, Any] = {"application_name": "realtime-listener", **_KEEPALIVES, **conninfo_to_dict(target)}
+    return make_conninfo(**params)
+
+
+def prepare_threshold(using: str = DEFAULT_DB_ALIAS) -> int | None:
+    """psycopg's ``prepare_threshold`` for the worker's own pools: ``OPTIONS["prepare_threshold"]`` if set, else 5.
+
+    Set it to None in ``DATABASES`` when the database is reached through
+    PgBouncer before 1.21 in transaction mode, which cannot keep prepared statements.
+    """
+    options = connections[using].settings_dict.get("OPTIONS") or {}
+    return options.get("prepare_threshold", 5)
+
+
 def listener_conninfo(using: str = DEFAULT_DB_ALIAS, application_name: str = "realtime-listener") -> str:
     """Return a libpq connection string for ``DATABASES[using]``."""
     db = connections[using].settings_dict
@@ -141,9 +177,10 @@ def listener_conninfo(using: str = DEFAULT_DB_ALIAS, application_name: str = "re
         if key not in _NON_LIBPQ_OPTIONS:
             params[key] = value
     params["application_name"] = application_name
-    # Notice a silent network loss in about 10 s (TCP only; ignored on sockets).
-    params.setdefault("keepalives", 1)
-    params.setdefault("keepalives_idle", 4)
-    params.setdefault("keepalives_interval", 2)
-    params.setdefault("keepalives_count", 3)
+    for key, value in _KEEPALIVES.items():
+        params.setdefault(key, value)
     return make_conninfo(**{k: v for k, v in params.items() if v is not None})
+
+
+# Notice a silent network loss in about 10 s (TCP only; ignored on sockets).
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 4, "keepalives_interval": 2, "keepalives_count": 3}

@@ -41,7 +41,7 @@ from websockets.http11 import Request, Response
 
 from realtime import protocol, retention, tokens
 from realtime.conf import settings
-from realtime.db import OutboxEvent, listener_conninfo, read_events, run_sync
+from realtime.db import OutboxEvent, listen_conninfo, read_events, run_sync
 from realtime.handshake import allowed_origins, client_ip
 from realtime.limits import HARD_MARGIN, guarded_connection
 from realtime.listener import Listener
@@ -121,7 +121,7 @@ class Worker:
         self.name = name
         self.registry = Registry()
         self.metrics = Metrics()
-        self.listener = Listener(conninfo or listener_conninfo(), self.deliver, settings.BATCH_SIZE)
+        self.listener = Listener(conninfo or listen_conninfo(), self.deliver, settings.BATCH_SIZE)
         self.metrics.listener_up.set_function(lambda: 1 if self.listener.ready else 0)
         self.metrics.connections.set_function(lambda: len(self.registry))
         self._background: set[asyncio.Task[Any]] = set()

@@ -31,7 +31,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from realtime import tokens
 from realtime.conf import settings
-from realtime.db import listener_conninfo, run_sync
+from realtime.db import listener_conninfo, prepare_threshold, run_sync
 from realtime.models import Ticket
 
 __all__ = ["Verifier", "sql_path_unsupported"]
@@ -69,7 +69,7 @@ class Verifier:
                 conninfo or listener_conninfo(application_name="realtime-auth"),
                 min_size=1,
                 max_size=POOL_SIZE,
-                kwargs={"autocommit": True},
+                kwargs={"autocommit": True, "prepare_threshold": prepare_threshold()},
                 open=False,
                 name="realtime-auth",
             )

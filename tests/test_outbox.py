@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import decimal
 import threading
+from collections.abc import Iterator
 
+import psycopg
 import pytest
 from django.db import connection, transaction
 from django.test import override_settings
 
 from realtime import publish
 from realtime.models import Event
-from tests.conftest import WAIT, make_user
+from tests.conftest import WAIT, database_url_for_tests, make_user
+
+
+@contextlib.contextmanager
+def listening() -> Iterator[psycopg.Connection]:
+    """A connection of its own that LISTENs on the workers' channel (Django's are pooled: shared)."""
+    with psycopg.connect(database_url_for_tests(), autocommit=True) as listener:
+        listener.execute("LISTEN realtime")
+        yield listener
 
 
 @pytest.mark.django_db
@@ -64,15 +75,14 @@ def test_django_types_are_encoded():
 def test_position_is_assigned_at_commit_only():
     """Inside the transaction the position is unset; after commit it is set and NOTIFY was sent."""
     user = make_user("alice")
-    with connection.cursor() as cursor:
-        cursor.execute("LISTEN realtime")
-    with transaction.atomic():
-        event = publish("x", {}, users=[user])
+    with listening() as listener:
+        with transaction.atomic():
+            event = publish("x", {}, users=[user])
+            event.refresh_from_db()
+            assert event.position is None
         event.refresh_from_db()
-        assert event.position is None
-    event.refresh_from_db()
-    assert event.position is not None
-    notifies = list(connection.connection.notifies(timeout=WAIT, stop_after=1))
+        assert event.position is not None
+        notifies = list(listener.notifies(timeout=WAIT, stop_after=1))
     assert [n.channel for n in notifies] == ["realtime"]
     assert notifies[0].payload == ""  # a wake-up, never the event
 
@@ -134,16 +144,15 @@ def test_publish_many_commits_a_batch_in_order_with_one_wake_up():
     from realtime import publish_many
 
     user = make_user("alice")
-    with connection.cursor() as cursor:
-        cursor.execute("LISTEN realtime")
-    with transaction.atomic():
-        count = publish_many({"event": "batch", "data": {"n": n}, "users": [user]} for n in range(1000))
+    with listening() as listener:
+        with transaction.atomic():
+            count = publish_many({"event": "batch", "data": {"n": n}, "users": [user]} for n in range(1000))
+        notifies = list(listener.notifies(timeout=1, stop_after=2))
     assert count == 1000
     rows = list(Event.objects.filter(name="batch").order_by("position").values_list("position", "data"))
     assert [data["n"] for _, data in rows] == list(range(1000))
     positions = [position for position, _ in rows]
     assert positions == list(range(positions[0], positions[0] + 1000))
-    notifies = list(connection.connection.notifies(timeout=1, stop_after=2))
     assert len(notifies) == 1  # one wake-up for the whole batch
 
 
