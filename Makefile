@@ -1,5 +1,5 @@
 # make run  : set up and run Django (127.0.0.1:8000) and the websocket worker (127.0.0.1:8765)
-# make test : set up and run the whole test suite (ruff included)
+# make test : set up and run the whole test suite (ruff and mypy included)
 # make matrix : the suite on Python 3.11 + Django 5.2 and Python 3.12 + Django 6.1 (nox)
 PYTHON ?= python3
 VENV := .venv
@@ -22,6 +22,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 # Python 3.11 + Django 5.2 LTS and Python 3.12 + Django 6.1, each in its own nox virtualenv.
@@ -31,6 +32,7 @@ matrix: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 format: $(STAMP)
 	$(PY) -m ruff check --fix .

@@ -75,7 +75,7 @@ def configure_django(database_url: str, settings_module: str = "bench.settings")
 
 def current_database_url() -> str:
     """Return a libpq string for the database Django uses in this process (e.g. a test database)."""
-    from realtime.db import listener_conninfo  # reads settings: import once Django is set up
+    from realtime.worker.db import listener_conninfo  # reads settings: import once Django is set up
 
     return listener_conninfo(application_name="realtime-bench")
 

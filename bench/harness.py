@@ -760,7 +760,7 @@ def machine() -> dict[str, Any]:
 
 def _workers_past_open_files_limit(sizes: Sizes, capacity: dict[str, Any]) -> int | None:
     """How many server processes ``sizes.capacity`` connections need, if the open-files limit kept two short."""
-    from realtime.server import reserved_files
+    from realtime.worker.limits import reserved_files
 
     limit = _open_files_hard_limit()
     if limit is None or capacity["held"] >= sizes.capacity:

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django import forms
 from django.contrib import admin, messages
@@ -37,12 +37,20 @@ __all__ = [
     "send_notification",
 ]
 
+if TYPE_CHECKING:  # django-stubs' generics; Django's classes are not subscriptable at run time
+    _PresenceAdmin = admin.ModelAdmin[PresenceConnection]
+    _AnyAdmin = admin.ModelAdmin[Any]
+    _UserAdmin = UserAdmin[Any]
+else:
+    _PresenceAdmin = _AnyAdmin = admin.ModelAdmin
+    _UserAdmin = UserAdmin
+
 NOTIFICATION_EVENT = "notification"
 VIEW_PRESENCE = "realtime.view_presence"
 
 
 @admin.register(PresenceConnection)
-class PresenceConnectionAdmin(admin.ModelAdmin):
+class PresenceConnectionAdmin(_PresenceAdmin):
     """Read-only list of the connections on live workers ("Online now")."""
 
     list_display = ("username", "user_id", "worker_display", "connected_at", "client_ip", "topics_display")
@@ -86,7 +94,7 @@ class NotificationForm(forms.Form):
 
 
 @admin.action(description="Send a notification", permissions=["change"])
-def send_notification(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Any]) -> Any:
+def send_notification(modeladmin: _AnyAdmin, request: HttpRequest, queryset: QuerySet[Any]) -> Any:
     """Ask for a message, then publish ``notification`` to the selected users.
 
     The event's data is ``{"message": ..., "from": {"id", "username"}}``.
@@ -131,7 +139,7 @@ def send_notification(modeladmin: admin.ModelAdmin, request: HttpRequest, querys
     return TemplateResponse(request, "admin/realtime/send_notification.html", context)
 
 
-class RealtimeUserAdmin(UserAdmin):
+class RealtimeUserAdmin(_UserAdmin):
     """Django's ``UserAdmin`` with the "Send a notification" action."""
 
     actions = [send_notification]

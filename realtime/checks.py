@@ -115,8 +115,10 @@ def check_admin_template(app_configs: Any = None, **kwargs: Any) -> list[checks.
             first = first or origin.name
             if origin.name == ours or "realtime/admin_toasts.html" in (template.source or ""):
                 return []
-            extends = template.nodelist.get_nodes_by_type(ExtendsNode)
-            parent = extends[0].parent_name.var if extends else None
+            extends = [
+                node for node in template.nodelist.get_nodes_by_type(ExtendsNode) if isinstance(node, ExtendsNode)
+            ]
+            parent = getattr(extends[0].parent_name, "var", None) if extends else None
             if parent != "admin/base_site.html":
                 break
             skip.append(origin)

@@ -30,6 +30,7 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.sync.client import ClientConnection, connect
+from websockets.typing import Origin
 
 __all__ = ["AuthenticationFailed", "RealtimeClient", "session_token_provider"]
 
@@ -122,7 +123,7 @@ class RealtimeClient:
                 self._connect(deadline)
                 continue
             try:
-                message = json.loads(self._ws.recv(remaining))
+                message: dict[str, Any] = json.loads(self._ws.recv(remaining))
             except ConnectionClosed as exc:
                 self._ws = None
                 if exc.rcvd is not None and exc.rcvd.code == AUTH_FAILED:
@@ -158,7 +159,8 @@ class RealtimeClient:
         except OSError:
             return
         try:
-            ws = connect(self.url, open_timeout=5, max_size=None, legacy=True, origin=self.origin)
+            origin = Origin(self.origin) if self.origin is not None else None
+            ws = connect(self.url, open_timeout=5, max_size=None, legacy=True, origin=origin)
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             if isinstance(exc, InvalidURI):
                 raise
@@ -193,6 +195,6 @@ def session_token_provider(base_url: str, **cookies: str) -> Callable[[], str]:
     def get_token() -> str:
         request = urllib.request.Request(f"{base_url.rstrip('/')}/realtime/token/", headers={"Cookie": cookie_header})
         with opener.open(request, timeout=10) as response:
-            return json.load(response)["token"]
+            return str(json.load(response)["token"])
 
     return get_token

@@ -1,6 +1,9 @@
-"""publish(): write an event to the outbox in the caller's transaction.
+"""The outbox: its table, and publish(), which writes an event in the caller's transaction.
 
-Nothing is sent from here. The outbox lives in the ``default`` database, which
+This module owns the table: its name, the columns publish() writes (one list
+that makes the INSERT, the COPY and each row), what the workers read of a row
+(the SELECT, and ``row_to_event()``), the NOTIFY channel and the control event
+names. Nothing is sent from here. The outbox lives in the ``default`` database, which
 the workers read: publish inside a transaction on that database. The row becomes visible to the websocket workers
 when the caller's transaction commits; a deferred trigger then gives it its
 commit-ordered position and NOTIFYs the ``realtime`` channel with an empty
@@ -10,9 +13,10 @@ payload (a wake-up, never the event). A rollback leaves no trace.
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from django.contrib.auth.models import Group
 from django.core.serializers.json import DjangoJSONEncoder
@@ -20,11 +24,30 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.utils import timezone
 
 from realtime.conf import settings
+from realtime.core.audience import Audience, ControlEvent, OutboxEvent
 from realtime.models import Event
 
-__all__ = ["CONTROL_PREFIX", "NOTIFY_CHANNEL", "publish", "publish_control", "publish_many"]
+__all__ = [
+    "CONTROL_PREFIX",
+    "NEWEST_POSITION",
+    "NOTIFY_CHANNEL",
+    "SELECT_COLUMNS",
+    "SESSION_ENDED",
+    "TABLE",
+    "USER_CHANGED",
+    "publish",
+    "publish_control",
+    "publish_many",
+    "read_events",
+    "row_to_event",
+]
 
+TABLE = Event._meta.db_table
+# The channel the commit trigger NOTIFYs (an empty payload: a wake-up); migration 0001 names it too.
 NOTIFY_CHANNEL = "realtime"
+# Control events: for the workers, never sent to a client.
+SESSION_ENDED = "realtime.session_ended"  # {"session": digest of the session key}
+USER_CHANGED = "realtime.user_changed"  # {"users": [ids], "groups": [names]}: re-read their rights
 # One encoder for every event (json.dumps(cls=...) would build one per call).
 # No NaN or Infinity: jsonb refuses them. Not ASCII-only: non-ASCII text stays
 # as it is, so UTF-8 encoding the text finds lone surrogates (which jsonb
@@ -119,7 +142,7 @@ def _validated(
         )
     return {
         "name": event,
-        "data_json": _encoded_data(data),
+        "data": _encoded_data(data),
         "topic": topic,
         "users": user_ids,
         "groups": group_names,
@@ -157,12 +180,11 @@ def publish_many(events: Iterable[dict[str, Any]]) -> int:
         rows.append(_row(fields, now))
     if not rows:
         return 0
-    copy_sql = f"COPY realtime_event ({', '.join(_COLUMNS)}) FROM STDIN"
     connection = connections[DEFAULT_DB_ALIAS]
     # What Django's cursor does around execute(): refuse a transaction Django
     # knows is broken, and raise django.db errors rather than psycopg's.
     connection.validate_no_broken_transaction()
-    with connection.cursor() as cursor, connection.wrap_database_errors, cursor.cursor.copy(copy_sql) as copy:
+    with connection.cursor() as cursor, connection.wrap_database_errors, cursor.cursor.copy(_COPY) as copy:
         # Declared types: psycopg would otherwise inspect every list of every row.
         copy.set_types(_COPY_TYPES)
         for row in rows:
@@ -170,43 +192,104 @@ def publish_many(events: Iterable[dict[str, Any]]) -> int:
     return len(rows)
 
 
-# The columns publish() and publish_many() write, in order, and their types
-# for COPY (data is JSON text already, which PostgreSQL parses as jsonb).
-_COLUMNS = (
-    "name",
-    "topic",
-    "data",
-    "created_at",
-    "users",
-    "groups",
-    "permissions",
-    "staff",
-    "everyone",
-    "staff_only",
-    "control",
+# The columns publish() and publish_many() write: name, type for COPY, placeholder in the
+# INSERT (data is JSON text already, which PostgreSQL parses as jsonb).
+_WRITTEN = (
+    ("name", "text", "%s"),
+    ("topic", "text", "%s"),
+    ("data", "text", "%s::jsonb"),
+    ("created_at", "timestamptz", "%s"),
+    ("users", "int8[]", "%s"),
+    ("groups", "text[]", "%s"),
+    ("permissions", "text[]", "%s"),
+    ("staff", "bool", "%s"),
+    ("everyone", "bool", "%s"),
+    ("staff_only", "bool", "%s"),
+    ("control", "bool", "%s"),
 )
-_COPY_TYPES = ["text", "text", "text", "timestamptz", "int8[]", "text[]", "text[]", "bool", "bool", "bool", "bool"]
-_INSERT = (
-    f"INSERT INTO realtime_event ({', '.join(_COLUMNS)}) "
-    "VALUES (%s, %s, %s::jsonb, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id"
-)
+_COLUMNS = tuple(column for column, _, _ in _WRITTEN)
+_COPY_TYPES = [copy_type for _, copy_type, _ in _WRITTEN]
+_INSERT = f"INSERT INTO {TABLE} ({', '.join(_COLUMNS)}) VALUES ({', '.join(p for _, _, p in _WRITTEN)}) RETURNING id"
+_COPY = f"COPY {TABLE} ({', '.join(_COLUMNS)}) FROM STDIN"
+_values = operator.itemgetter(*_COLUMNS)
 
 
 def _row(fields: dict[str, Any], now: datetime, *, staff_only: bool = False, control: bool = False) -> tuple[Any, ...]:
-    """The values of ``_COLUMNS`` for validated ``fields``."""
-    return (
-        fields["name"],
-        fields["topic"],
-        fields["data_json"],
-        now,
-        fields["users"],
-        fields["groups"],
-        fields["permissions"],
-        fields["staff"],
-        fields["everyone"],
-        staff_only,
-        control,
-    )
+    """The values of ``_COLUMNS`` for validated ``fields`` (which it completes)."""
+    fields["created_at"], fields["staff_only"], fields["control"] = now, staff_only, control
+    return cast(tuple[Any, ...], _values(fields))
+
+
+# What the workers read of a row. The wire message of an event (protocol.encode_event's
+# format) is built by PostgreSQL: the worker sends it as is, without decoding or encoding
+# anything. ``at`` is the publish time in UTC, to the microsecond. The audience columns
+# come last, in the order of Audience's fields.
+EVENT_MESSAGE = (
+    """'{"type":"event","id":' || position"""
+    """ || ',"event":' || to_json(name)::text"""
+    """ || ',"topic":' || coalesce(to_json(topic)::text, 'null')"""
+    """ || ',"data":' || data::text"""
+    """ || ',"at":"' || to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') || '+00:00"}'"""
+)
+SELECT_COLUMNS = (
+    "position, control, CASE WHEN control THEN name END, CASE WHEN control THEN data::text END,"
+    f" CASE WHEN NOT control THEN {EVENT_MESSAGE} END, extract(epoch FROM created_at)::float8, "
+    + ", ".join(Audience._fields)
+)
+NEWEST_POSITION = f"SELECT coalesce(max(position), 0) FROM {TABLE}"
+
+
+def row_to_event(row: tuple[Any, ...]) -> OutboxEvent | ControlEvent:
+    """Return the event of a row selected with ``SELECT_COLUMNS``."""
+    position, control, name, control_data, message, created, *audience = row
+    if control:
+        return ControlEvent(position, name, json.loads(control_data))
+    return OutboxEvent(position, message, created, Audience(*audience))
+
+
+def read_events(
+    after: int,
+    upto: int | None,
+    limit: int,
+    *,
+    audience: tuple[str, dict[str, Any]] | None = None,
+    max_bytes: int | None = None,
+    using: str = DEFAULT_DB_ALIAS,
+) -> list[OutboxEvent]:
+    """Return committed events for clients with ``after < position <= upto``, in order (sync).
+
+    Args:
+        limit: at most this many events.
+        audience: ``(where, params)``: only rows that match this SQL condition
+            (``AUDIENCE_SQL`` for one client), filtered by PostgreSQL.
+        max_bytes: stop once the events' data passes this many bytes (the
+            first event is always returned), so a batch of large events
+            holds a bounded amount of memory.
+    """
+    where = "position > %(after)s AND NOT control"
+    params: dict[str, Any] = {"after": after, "limit": limit}
+    if upto is not None:
+        where += " AND position <= %(upto)s"
+        params["upto"] = upto
+    if audience is not None:
+        where += f" AND {audience[0]}"
+        params.update(audience[1])
+    sql = f"SELECT {SELECT_COLUMNS} FROM {TABLE} WHERE {where} ORDER BY position LIMIT %(limit)s"
+    if max_bytes is not None:
+        # A running total over the batch; each row's own size is subtracted so the first row always fits.
+        sql = (
+            f"SELECT {SELECT_COLUMNS} FROM ("
+            "SELECT *, sum(octet_length(data::text)) OVER (ORDER BY position) - octet_length(data::text) AS before"
+            f" FROM {TABLE} WHERE {where} ORDER BY position LIMIT %(limit)s"
+            ") AS batch WHERE before < %(max_bytes)s ORDER BY position"
+        )
+        params["max_bytes"] = max_bytes
+    with connections[using].cursor() as cursor:
+        cursor.execute(sql, params)
+        return [
+            OutboxEvent(position, message, created, Audience(*audience_columns))
+            for position, _, _, _, message, created, *audience_columns in cursor.fetchall()
+        ]
 
 
 def publish_control(name: str, data: dict[str, Any]) -> Event:
@@ -226,11 +309,11 @@ def publish_audience(event: str, data: Any, *, permissions: list[str], staff_onl
     return _insert(_fields(event, _encoded_data(data), permissions=permissions), staff_only=staff_only)
 
 
-def _fields(name: str, data_json: str, *, permissions: list[str] | None = None) -> dict[str, Any]:
+def _fields(name: str, data: str, *, permissions: list[str] | None = None) -> dict[str, Any]:
     """The row fields of an event whose only audience is ``permissions`` (control and admin events)."""
     return {
         "name": name,
-        "data_json": data_json,
+        "data": data,
         "topic": None,
         "users": [],
         "groups": [],
@@ -252,7 +335,7 @@ def _insert(fields: dict[str, Any], *, staff_only: bool = False, control: bool =
         cursor.execute(_INSERT, row)
         (pk,) = cursor.fetchone()
     values = dict(zip(_COLUMNS, row, strict=True))
-    values["data"] = json.loads(values["data"])
+    values["data"] = json.loads(values["data"])  # the model holds it decoded
     event = Event(id=pk, **values)
     event._state.adding = False
     event._state.db = DEFAULT_DB_ALIAS

@@ -9,26 +9,30 @@ below the horizon may have missed pruned events and receives ``reset``.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.utils import timezone
+
+from realtime.outbox import NEWEST_POSITION, TABLE
 
 __all__ = ["horizon", "newest_position", "prune"]
 
 
 def prune(retention_seconds: int, *, batch_size: int = 5000, using: str = DEFAULT_DB_ALIAS) -> int:
     """Delete events older than ``retention_seconds`` and expired tickets; return the events deleted (sync)."""
-    cutoff = timezone.now() - timezone.timedelta(seconds=retention_seconds)
+    cutoff = timezone.now() - timedelta(seconds=retention_seconds)
     deleted = 0
     while True:
         with transaction.atomic(using=using), connections[using].cursor() as cursor:
             cursor.execute(
-                """
+                f"""
                 WITH doomed AS (
-                    SELECT id FROM realtime_event
+                    SELECT id FROM {TABLE}
                     WHERE created_at < %s AND position IS NOT NULL
                     ORDER BY position LIMIT %s FOR UPDATE SKIP LOCKED
                 ), gone AS (
-                    DELETE FROM realtime_event e USING doomed WHERE e.id = doomed.id RETURNING e.position
+                    DELETE FROM {TABLE} e USING doomed WHERE e.id = doomed.id RETURNING e.position
                 )
                 SELECT count(*), max(position) FROM gone
                 """,
@@ -47,7 +51,7 @@ def prune(retention_seconds: int, *, batch_size: int = 5000, using: str = DEFAUL
             break
     with connections[using].cursor() as cursor:
         cursor.execute("DELETE FROM realtime_ticket WHERE expires_at < now()")
-    return deleted
+    return int(deleted)
 
 
 def horizon(using: str = DEFAULT_DB_ALIAS) -> int:
@@ -60,5 +64,5 @@ def horizon(using: str = DEFAULT_DB_ALIAS) -> int:
 def newest_position(using: str = DEFAULT_DB_ALIAS) -> int:
     """Return the highest committed position (0 if none) (sync)."""
     with connections[using].cursor() as cursor:
-        cursor.execute("SELECT coalesce(max(position), 0) FROM realtime_event")
+        cursor.execute(NEWEST_POSITION)
         return int(cursor.fetchone()[0])

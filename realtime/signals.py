@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 from typing import Any
 
 from django.apps import apps
@@ -25,17 +24,13 @@ from django.contrib.auth.models import Group, Permission
 from django.contrib.auth.signals import user_logged_out
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete
 
+from realtime.core.audience import digest
 from realtime.outbox import publish_audience, publish_control
 
-__all__ = ["ADMIN_EVENT", "admin_event_data", "connect", "session_hash"]
+__all__ = ["ADMIN_EVENT", "admin_event_data", "connect"]
 
 ADMIN_EVENT = "admin.logentry"
 _ACTIONS = {ADDITION: "addition", CHANGE: "change", DELETION: "deletion"}
-
-
-def session_hash(session_key: str) -> str:
-    """Return the hash that stands for a session key in events and logs."""
-    return hashlib.sha256(session_key.encode()).hexdigest()
 
 
 def admin_event_data(entry: LogEntry) -> dict[str, Any]:
@@ -93,13 +88,13 @@ def _on_logout(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
     # Fired before the session is flushed: the key is still readable here.
     session_key = getattr(getattr(request, "session", None), "session_key", None)
     if session_key:
-        publish_control("realtime.session_ended", {"session": session_hash(session_key)})
+        publish_control("realtime.session_ended", {"session": digest(session_key)})
 
 
 def _on_session_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
     # Session rows deleted by any means that sends signals (admin, clearsessions,
     # SessionStore.delete()); raw SQL is caught by the periodic re-validation.
-    publish_control("realtime.session_ended", {"session": session_hash(instance.session_key)})
+    publish_control("realtime.session_ended", {"session": digest(instance.session_key)})
 
 
 def _on_user_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:

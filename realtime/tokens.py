@@ -19,11 +19,9 @@ Both do database work: call them from a thread in async code.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import timedelta
 from importlib import import_module
 from typing import Any
@@ -35,6 +33,7 @@ from django.utils import timezone
 from django.utils.crypto import constant_time_compare
 
 from realtime.conf import settings
+from realtime.core.audience import Identity, digest
 from realtime.models import Ticket
 
 __all__ = [
@@ -46,31 +45,27 @@ __all__ = [
     "identity_for_session",
     "make_identity",
     "mint",
-    "nonce_hash",
     "open_token",
+    "refused",
     "verify",
 ]
 
 SALT = "realtime.tokens"
 logger = logging.getLogger("realtime.auth")
 
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """Who a connection belongs to, and what they may receive."""
-
-    user_id: int
-    username: str
-    session_hash: str
-    is_staff: bool
-    is_superuser: bool
-    groups: frozenset[str]
-    permissions: frozenset[str]
-    # Kept in the worker's memory to re-check the session; never logged.
-    session_key: str = field(repr=False, default="")
-
-    def has_perm(self, permission: str) -> bool:
-        return self.is_superuser or permission in self.permissions
+# Why a token or a session is refused: the same words from both login paths
+# (here through the ORM, and realtime.worker.verifier in one SQL statement).
+BAD_TOKEN = "bad token signature or format"
+SIGNATURE_EXPIRED = "token signature expired"
+TOKEN_UNKNOWN = "token unknown or already used"
+TOKEN_EXPIRED = "token expired"
+SESSION_ENDED = "session ended"
+OTHER_USER = "session belongs to another user"
+BACKEND_DISABLED = "session backend no longer enabled"
+USER_INACTIVE = "user unknown or inactive"
+PASSWORD_CHANGED = "session auth hash changed (password changed)"
+# Refusals decided from the token alone, before any database work.
+FREE_REFUSALS = frozenset({BAD_TOKEN, SIGNATURE_EXPIRED})
 
 
 def mint(user: Any, session_key: str) -> str:
@@ -80,7 +75,7 @@ def mint(user: Any, session_key: str) -> str:
     # Expired tickets are useless: drop them while we are here (indexed).
     Ticket.objects.filter(expires_at__lt=now).delete()
     Ticket.objects.create(
-        nonce_hash=nonce_hash(nonce),
+        nonce_hash=digest(nonce),
         session_key=session_key,
         user_id=user.pk,
         expires_at=now + timedelta(seconds=settings.TOKEN_MAX_AGE),
@@ -103,20 +98,19 @@ def check(token: str) -> tuple[Identity | None, str]:
     try:
         return _identity_for_token(token), ""
     except Refused as refusal:
-        logger.info("authentication refused: %s", refusal.reason)
-        return None, refusal.reason
+        return None, refused(refusal)
 
 
 def _identity_for_token(token: str) -> Identity:
     user_id, nonce = open_token(token)
-    ticket = Ticket.objects.filter(nonce_hash=nonce_hash(nonce), user_id=user_id).first()
+    ticket = Ticket.objects.filter(nonce_hash=digest(nonce), user_id=user_id).first()
     if ticket is None:
-        raise Refused("token unknown or already used")
+        raise Refused(TOKEN_UNKNOWN)
     # Single use: whoever deletes the row wins; a replay finds nothing.
     if Ticket.objects.filter(pk=ticket.pk).delete()[0] != 1:
-        raise Refused("token already used")
+        raise Refused(TOKEN_UNKNOWN)
     if ticket.expires_at < timezone.now():
-        raise Refused("token expired")
+        raise Refused(TOKEN_EXPIRED)
     return _identity_for_session(ticket.session_key, user_id)
 
 
@@ -128,9 +122,9 @@ def open_token(token: str) -> tuple[int, str]:
         if not isinstance(nonce, str) or not isinstance(user_id, int):
             raise TypeError
     except signing.SignatureExpired:
-        raise Refused("token expired") from None
+        raise Refused(SIGNATURE_EXPIRED) from None
     except (signing.BadSignature, KeyError, TypeError, ValueError):
-        raise Refused("bad token signature or format") from None
+        raise Refused(BAD_TOKEN) from None
     return user_id, nonce
 
 
@@ -139,7 +133,7 @@ def identity_for_session(session_key: str, user_id: int) -> Identity | None:
     try:
         return _identity_for_session(session_key, user_id)
     except Refused as refusal:
-        logger.info("session re-check refused user %s: %s", user_id, refusal.reason)
+        refused(refusal, user_id=user_id)
         return None
 
 
@@ -148,10 +142,9 @@ def _identity_for_session(session_key: str, user_id: int) -> Identity:
     # load() gives {} for a session that is gone or expired, and changes nothing.
     data = engine.SessionStore(session_key).load()
     if not data:
-        raise Refused("session ended")
+        raise Refused(SESSION_ENDED)
     backend_path = check_session_data(data, user_id)
-    user = load_backend(backend_path).get_user(user_id)
-    check_user(user, data)
+    user = check_user(load_backend(backend_path).get_user(user_id), data)
     return make_identity(
         user,
         session_key,
@@ -163,36 +156,35 @@ def _identity_for_session(session_key: str, user_id: int) -> Identity:
 def check_session_data(data: dict[str, Any], user_id: int) -> str:
     """Check a loaded session is ``user_id``'s under an enabled backend; return the backend's path."""
     if str(data.get(SESSION_KEY)) != str(user_id):
-        raise Refused("session belongs to another user")
+        raise Refused(OTHER_USER)
     backend_path = data.get(BACKEND_SESSION_KEY)
     if backend_path not in django_settings.AUTHENTICATION_BACKENDS:
-        raise Refused("session backend no longer enabled")
-    return backend_path
+        raise Refused(BACKEND_DISABLED)
+    return str(backend_path)
 
 
-def check_user(user: Any, data: dict[str, Any]) -> None:
-    """Check ``user`` (None if unknown) may still use the session whose data is ``data``.
+def check_user(user: Any, data: dict[str, Any]) -> Any:
+    """Check ``user`` (None if unknown) may still use the session whose data is ``data``; return it.
 
     The same checks as ``django.contrib.auth.get_user()``, without its side
     effects (it flushes or cycles the session, which would log the browser out).
     """
     if user is None or not user.is_active:
-        raise Refused("user unknown or inactive")
+        raise Refused(USER_INACTIVE)
     session_auth_hash = data.get(HASH_SESSION_KEY) or ""
     if hasattr(user, "get_session_auth_hash"):
         candidates = [user.get_session_auth_hash(), *user.get_session_auth_fallback_hash()]
         if not session_auth_hash or not any(constant_time_compare(session_auth_hash, c) for c in candidates):
-            raise Refused("session auth hash changed (password changed)")
+            raise Refused(PASSWORD_CHANGED)
+    return user
 
 
 def make_identity(user: Any, session_key: str, *, groups: Iterable[str], permissions: Iterable[str]) -> Identity:
     """Return the :class:`Identity` of a checked ``user`` on session ``session_key``."""
-    from realtime.signals import session_hash
-
     return Identity(
         user_id=user.pk,
         username=user.get_username(),
-        session_hash=session_hash(session_key),
+        session_hash=digest(session_key),
         is_staff=bool(getattr(user, "is_staff", False)),
         is_superuser=bool(getattr(user, "is_superuser", False)),
         groups=_shared(groups),
@@ -214,9 +206,16 @@ def _shared(names: Iterable[str]) -> frozenset[str]:
     return _SHARED_SETS.setdefault(names, names)
 
 
-def nonce_hash(nonce: str) -> str:
-    """Return what a ticket row stores for ``nonce`` (the nonce itself never is)."""
-    return hashlib.sha256(nonce.encode()).hexdigest()
+def refused(refusal: Refused, *, user_id: int | None = None) -> str:
+    """Log a refusal (a login's, or a session re-check's for ``user_id``) and return its reason.
+
+    The one logging point of both login paths; reasons are for logs only (the client learns 4401).
+    """
+    if user_id is None:
+        logger.info("authentication refused: %s", refusal.reason)
+    else:
+        logger.info("session re-check refused user %s: %s", user_id, refusal.reason)
+    return refusal.reason
 
 
 class Refused(Exception):

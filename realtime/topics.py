@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, cast
 
 from django.contrib.auth import get_user_model
 from django.db import DatabaseError
 from django.utils.module_loading import import_string
 
 from realtime.conf import settings
-from realtime.db import run_sync
-from realtime.tokens import Identity
+from realtime.core.audience import Identity
 
-__all__ = ["allowed_topics", "can_subscribe", "load_policy", "may_subscribe"]
+__all__ = ["can_subscribe", "decide_by_policy", "load_policy"]
 
 logger = logging.getLogger("realtime.topics")
 
@@ -49,7 +48,7 @@ def load_policy(path: str) -> Callable[[Any, str], bool]:
     policy = import_string(path)
     if not callable(policy):
         raise TypeError(f"{path} is not callable")
-    return policy
+    return cast(Callable[[Any, str], bool], policy)
 
 
 def _custom(path: str, user: Any, topic: str) -> bool:
@@ -60,27 +59,8 @@ def _custom(path: str, user: Any, topic: str) -> bool:
         return False
 
 
-async def may_subscribe(identity: Identity, topic: str) -> bool:
-    """Return True if ``identity`` may subscribe to ``topic``, by the configured policy."""
-    return bool(await allowed_topics(identity, [topic]))
-
-
-async def allowed_topics(identity: Identity, topics: Iterable[str]) -> list[str]:
-    """Return those of ``topics`` that ``identity`` may subscribe to, in order.
-
-    With ``TOPIC_POLICY``, every topic is decided in one call to the thread
-    pool (a login may name up to 100 topics).
-    """
-    topics = list(topics)
-    path = settings.TOPIC_POLICY
-    if path is None:
-        return [topic for topic in topics if can_subscribe(identity, topic)]
-    if not topics:
-        return []
-    return await run_sync(_custom_many, path, identity.user_id, topics)
-
-
-def _custom_many(path: str, user_id: int, topics: list[str]) -> list[str]:
+def decide_by_policy(path: str, user_id: int, topics: list[str]) -> list[str]:
+    """Return those of ``topics`` that ``TOPIC_POLICY`` (at ``path``) lets ``user_id`` subscribe to (sync, ORM)."""
     try:
         user = get_user_model()._default_manager.filter(pk=user_id).first()
     except DatabaseError as exc:

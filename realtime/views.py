@@ -21,7 +21,7 @@ def websocket_url(request: HttpRequest) -> str:
     ``REALTIME["WS_PORT"]``, with ``wss://`` behind HTTPS.
     """
     if settings.URL:
-        return settings.URL
+        return str(settings.URL)
     host = request.get_host()
     # Drop the port, keeping IPv6 brackets: "[::1]:8000" -> "[::1]".
     hostname = host[: host.index("]") + 1] if host.startswith("[") else host.split(":", 1)[0]

@@ -22,7 +22,7 @@ from django.contrib.auth import get_user_model
 from django.test import Client as HttpClient
 from websockets.sync.client import ClientConnection, connect
 
-from realtime.db import listener_conninfo
+from realtime.worker.db import listener_conninfo
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 WAIT = 10.0  # generous bound on any wait for a message

@@ -7,8 +7,8 @@ from django.db import connection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from realtime.registry import AUDIENCE_SQL, Audience, Client, Registry, audience_sql_params, matches
-from realtime.tokens import Identity
+from realtime.core.audience import AUDIENCE_SQL, Audience, Identity, audience_sql_params, matches
+from realtime.worker.registry import Client, Registry
 
 GROUPS = ["red", "green", "blue"]
 PERMISSIONS = ["auth.view_user", "auth.change_group"]

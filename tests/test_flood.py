@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from django.core import signing
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from realtime import publish, tokens
@@ -98,7 +98,7 @@ def test_ping_flood_before_authentication_is_closed_and_bounded(worker):
         publish("meanwhile", {"n": 1}, users=[good_user])
         assert receive_events(good, 1)[0]["event"] == "meanwhile"
         flood.join(30)
-        wait_for_log(worker, "closed 1008: too many pings")
+        wait_for_log(worker, "closed 1008: too many pings or fragments")
         after = rss_kib(worker.process.pid)
     finally:
         flood.join(30)
@@ -242,7 +242,7 @@ def test_a_connection_holds_at_most_100_topics(transactional_db):
 
 
 def test_failed_logins_are_throttled_per_address(transactional_db):
-    """After AUTH_FAILURES_PER_MINUTE failed logins from one address, even a valid token from it gets 1013."""
+    """After AUTH_FAILURES_PER_MINUTE refusals that cost a query, even a valid token from that address gets 1013."""
     alice = make_user("alice")
     web = logged_in(alice)
     valid = get_token(web)
@@ -258,7 +258,9 @@ def test_failed_logins_are_throttled_per_address(transactional_db):
                 assert info.value.rcvd is not None, "closed without a close frame"
                 return info.value
 
-        assert [login(token).rcvd.code for token in (unknown, forged, unknown, forged, unknown)] == [4401] * 5
+        # Forged tokens cost no query: refused, but not counted (a neighbour's junk cannot lock us out).
+        assert [login(forged).rcvd.code for _ in range(10)] == [4401] * 10
+        assert [login(unknown).rcvd.code for _ in range(5)] == [4401] * 5  # each cost a query
         throttled = login(valid).rcvd
         assert throttled.code == 1013
         assert "too many failed authentications" in throttled.reason
@@ -298,4 +300,52 @@ def test_per_user_cap_holds_while_the_topic_policy_is_slow(transactional_db):
         for thread in threads:
             thread.join(WAIT)
         assert sorted(results, key=str) == [1013, 1013, 1013, 1013, "welcome", "welcome"], results
+        assert_clean_log(worker)
+
+
+def test_throttle_keys_group_an_ipv6_clients_addresses():
+    """Failed logins count per IPv4 address, per IPv6 /64 (a client may rotate through it), not for Unix peers."""
+    from realtime.worker.handshake import throttle_key
+
+    assert throttle_key("203.0.113.7") == "203.0.113.7"
+    assert throttle_key("2001:db8:1:2::1") == throttle_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert throttle_key("2001:db8:1:3::1") != throttle_key("2001:db8:1:2::1")
+    assert throttle_key("::ffff:203.0.113.7") == "203.0.113.7"
+    assert throttle_key("unix") is None
+
+
+def test_fragment_flood_before_authentication_is_closed(worker):
+    """A first message split into thousands of empty fragments is closed 1008, without traceback."""
+    raw = raw_connect(worker.port, origin=ORIGIN)
+    try:
+        with contextlib.suppress(OSError):
+            raw.sendall(frame(b"{", opcode=0x1, fin=False) + frame(b"", opcode=0x0, fin=False) * 4096)
+        wait_for_log(worker, "closed 1008: too many pings or fragments")
+    finally:
+        raw.close()
+    assert_clean_log(worker)
+
+
+def test_duplicate_forwarded_for_headers_are_read_as_one_list(worker):
+    """Two X-Forwarded-For headers neither crash the handler nor stop the login."""
+    token = get_token(logged_in(make_user("alice")))
+    headers = [("X-Forwarded-For", "198.51.100.1"), ("X-Forwarded-For", "198.51.100.2")]
+    with connect(worker.url, origin=ORIGIN, open_timeout=WAIT, additional_headers=headers) as ws:
+        ws.send(json.dumps({"type": "auth", "token": token, "last_id": None}))
+        assert json.loads(ws.recv(WAIT))["type"] == "welcome"
+    assert_clean_log(worker)
+
+
+def test_unfinished_handshakes_count_toward_the_503(transactional_db):
+    """Past MAX_CONNECTIONS counting unfinished handshakes, a complete handshake gets 503."""
+    with running(realtime={"MAX_CONNECTIONS": 20}) as worker:
+        sockets = [sock for sock in (_half_request(worker.port) for _ in range(30)) if sock is not None]
+        try:
+            time.sleep(0.5)  # accepted and counted
+            with pytest.raises(InvalidStatus) as info:
+                connect(worker.url, origin=ORIGIN, open_timeout=WAIT).close()
+            assert info.value.response.status_code == 503
+        finally:
+            for sock in sockets:
+                sock.close()
         assert_clean_log(worker)

@@ -185,8 +185,8 @@ def test_the_message_postgresql_builds_is_the_protocols_event(name, topic, data)
     """The worker sends the message PostgreSQL builds from the row: protocol.encode_event's, field for field."""
     import json
 
-    from realtime.db import read_events
-    from realtime.protocol import encode_event
+    from realtime.core.protocol import encode_event
+    from realtime.outbox import read_events
 
     with transaction.atomic():
         publish(name, data, everyone=True, topic=topic)

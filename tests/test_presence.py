@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 from django.db import connections
 
+from realtime.core.audience import Identity
 from realtime.models import PresenceConnection, PresenceWorker
-from realtime.presence import PresenceTracker, _ip_of, expire_workers, online_users
-from realtime.registry import Client
-from realtime.tokens import Identity
+from realtime.presence import online_users
+from realtime.worker.presence import PresenceTracker, _ip_of, expire_workers
+from realtime.worker.registry import Client
 from tests.conftest import (
     WAIT,
     WorkerProcess,
@@ -206,7 +207,7 @@ def test_tracker_rewrites_rows_expired_behind_its_back():
 def test_simultaneous_first_subscriptions_on_two_workers_announce_once():
     """Two workers writing the same user's first subscription at the same moment publish one presence.join."""
     from realtime.models import Event
-    from realtime.presence import _Connection, _WorkerRow, _write
+    from realtime.worker.presence import _Connection, _WorkerRow, _write
 
     users = [make_user(f"user{n}") for n in range(15)]
     worker_rows = [_WorkerRow(f"worker-{n}", "host", n, datetime.now(UTC)) for n in (1, 2)]

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from realtime import protocol
-from realtime.protocol import CloseCode, ProtocolError
+from realtime.core import protocol
+from realtime.core.protocol import CloseCode, ProtocolError
 
 
 def test_auth_message_and_bare_token():

@@ -171,3 +171,62 @@ def test_logout_during_a_login_closes_the_new_socket(transactional_db):
         assert "closed 4401" in worker.log() or "closing 4401" in worker.log()
     finally:
         worker.stop()
+
+
+def test_a_replay_during_a_rights_change_uses_the_new_rights(transactional_db):
+    """Removed from a group while logging in with last_id: the replay leaves out that group's later event."""
+    worker = start_worker(realtime={"TOPIC_POLICY": "tests.topic_policies.slow"})
+    try:
+        alice = make_user("alice")
+        team = Group.objects.create(name="team")
+        alice.groups.add(team)
+        web = logged_in(alice)
+        first, welcome = open_ws(worker, get_token(web))
+        first.close()
+        token = get_token(web)
+        result: dict = {}
+
+        def login() -> None:
+            from websockets.sync.client import connect
+
+            from tests.conftest import ORIGIN
+
+            with connect(worker.url, origin=ORIGIN, open_timeout=WAIT) as ws:
+                auth = {"type": "auth", "token": token, "last_id": welcome["last_id"], "topics": ["slow"]}
+                ws.send(json.dumps(auth))
+                result["events"] = [e["event"] for e in events_until(ws, "sentinel", timeout=30)]
+
+        thread = threading.Thread(target=login)
+        thread.start()
+        time.sleep(0.4)  # the slow topic policy holds the login between its check and its registration
+        alice.groups.remove(team)
+        publish("after-removal", {}, groups=["team"])
+        time.sleep(1.5)  # registered, replaying
+        publish("sentinel", {}, users=[alice])
+        thread.join(30)
+        assert result["events"] == ["sentinel"]
+    finally:
+        worker.stop()
+
+
+def test_a_subscription_decided_across_a_revocation_is_decided_again(transactional_db):
+    """A permission revoked while the topic policy decides a subscription: the answer is a refusal."""
+    from django.contrib.auth.models import Permission
+
+    from tests.conftest import receive
+
+    worker = start_worker(realtime={"TOPIC_POLICY": "tests.topic_policies.slow_permission"})
+    try:
+        alice = make_user("alice", perms=("auth.view_user",))
+        ws, _ = open_ws(worker, get_token(logged_in(alice)))
+        ws.send(json.dumps({"type": "subscribe", "topic": "t"}))
+        time.sleep(0.5)  # the policy has read alice's permissions and is still deciding
+        alice.user_permissions.remove(Permission.objects.get(codename="view_user", content_type__app_label="auth"))
+        answer = receive(ws, timeout=30)
+        assert answer["type"] == "error" and answer["code"] == "forbidden", answer
+        publish("on-topic", {}, topic="t")
+        publish("sentinel", {}, users=[alice])
+        assert [e["event"] for e in events_until(ws, "sentinel")] == ["sentinel"]
+        ws.close()
+    finally:
+        worker.stop()

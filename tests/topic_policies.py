@@ -16,3 +16,12 @@ def slow(user, topic: str) -> bool:
 
     time.sleep(1.0)
     return True
+
+
+def slow_permission(user, topic: str) -> bool:
+    """Allow holders of auth.view_user, deciding on the user as read a second before answering."""
+    import time
+
+    allowed = user.has_perm("auth.view_user")
+    time.sleep(1.0)
+    return allowed

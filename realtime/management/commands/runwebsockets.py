@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import re
 import socket
 from typing import Any
@@ -15,10 +13,10 @@ from django.db.utils import OperationalError
 from django.utils import autoreload
 
 from realtime.conf import settings
-from realtime.logs import log_to_stderr_unless_configured
-from realtime.memory import return_freed_memory_to_os, tune_garbage_collector
-from realtime.server import Worker, wait_for_stop_signal
-from realtime.supervisor import run_workers
+from realtime.worker.handshake import format_host
+from realtime.worker.limits import raise_open_files_limit
+from realtime.worker.server import serve_forever
+from realtime.worker.supervisor import run_workers
 
 ADDRPORT = re.compile(r"^(?:(?P<host>\[[0-9a-fA-F:.]+\]|[^:\[\]]+):)?(?P<port>\d+)$")
 
@@ -79,11 +77,8 @@ class Command(BaseCommand):
         if workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
             raise CommandError("--workers needs SO_REUSEPORT, which this platform lacks; run one worker per port.")
         self._check_database()
-        log_to_stderr_unless_configured()
-        _raise_open_files_limit()
-        return_freed_memory_to_os()
-        tune_garbage_collector()
-        where = f"unix:{unix_path}" if unix_path else f"ws://{_url_host(host)}:{port}/"
+        raise_open_files_limit()
+        where = f"unix:{unix_path}" if unix_path else f"ws://{format_host(host)}:{port}/"
         self.stdout.write(
             f"Realtime websocket {'worker' if workers == 1 else f'{workers} workers'} on {where} (Ctrl-C to stop)"
         )
@@ -99,12 +94,9 @@ class Command(BaseCommand):
 
     def _serve(self, host: str, port: int, unix_path: str | None, keep_open: float) -> None:
         try:
-            asyncio.run(self._main(host, port, unix_path, keep_open))
+            serve_forever(host, port, unix_path=unix_path, keep_open=keep_open)
         except OSError as exc:
             raise CommandError(f"Cannot listen on {unix_path or f'{host}:{port}'}: {exc.strerror or exc}") from None
-
-    async def _main(self, host: str, port: int, unix_path: str | None, keep_open: float) -> None:
-        await Worker().run(host, port, wait_for_stop_signal(), unix_path=unix_path, keep_open=keep_open)
 
     def _check_database(self) -> None:
         connection = connections[DEFAULT_DB_ALIAS]
@@ -117,19 +109,3 @@ class Command(BaseCommand):
             connection.close()
         if plan:
             raise CommandError("The database has unapplied migrations: run 'python manage.py migrate' first.")
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _raise_open_files_limit() -> None:
-    """Each connection is a file descriptor: lift the soft limit (often 1024) to the hard one."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))

@@ -19,7 +19,7 @@ from django.conf import settings as django_settings
 
 from realtime.conf import settings
 
-__all__ = ["allowed_origins", "client_ip"]
+__all__ = ["allowed_origins", "client_ip", "format_address", "format_host", "throttle_key"]
 
 _HOST = r"(?::\d+)?"  # any port
 
@@ -81,3 +81,35 @@ def client_ip(peer: str, forwarded_for: str | None) -> str:
         if not _trusted(hop, networks):
             return hop
     return hops[0] if hops else (peer or "unix")
+
+
+def throttle_key(address: str) -> str | None:
+    """Return what failed logins are counted against for a client at ``address``, or None (not counted).
+
+    An IPv6 client holds a whole /64 (it may rotate through it): the /64 is the
+    key. A Unix-socket peer with no ``X-Forwarded-For`` is every client of a
+    local proxy at once: not counted.
+    """
+    if address in ("", "unix"):
+        return None
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def format_host(host: str) -> str:
+    """Return ``host`` as it appears before ``:port`` (IPv6 addresses in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def format_address(address: Any) -> str:
+    """Return a socket address as ``host:port`` (``[::1]:8765``), or the path of a Unix socket."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{format_host(str(address[0]))}:{address[1]}"
+    return str(address or "unix")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from functools import cached_property
 from importlib import import_module
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from django.conf import settings as django_settings
@@ -27,12 +27,14 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, Group, Permission, PermissionsMixin
 from django.contrib.contenttypes.models import ContentType
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
+from django.db.models import Model
 from psycopg_pool import AsyncConnectionPool
 
 from realtime import tokens
 from realtime.conf import settings
-from realtime.db import listener_conninfo, prepare_threshold, run_sync
+from realtime.core.audience import Identity, digest
 from realtime.models import Ticket
+from realtime.worker.db import listener_conninfo, prepare_threshold, run_sync
 
 __all__ = ["Verifier", "sql_path_unsupported"]
 
@@ -86,29 +88,34 @@ class Verifier:
         if self.pool is not None:
             await self.pool.close()
 
-    async def check(self, token: str) -> tuple[tokens.Identity | None, str]:
+    async def check(self, token: str) -> tuple[Identity | None, str]:
         """Consume ``token``; return ``(identity, "")`` or ``(None, reason)`` like :func:`realtime.tokens.check`."""
+        try:
+            # The signature first, on the event loop: a forged token costs no database work on either path.
+            user_id, nonce = tokens.open_token(token)
+        except tokens.Refused as refusal:
+            return None, tokens.refused(refusal)
         if self.pool is None:
             return await run_sync(tokens.check, token)
         try:
-            user_id, nonce = tokens.open_token(token)
-            row = await self._fetch(self._login_sql, {"nonce_hash": tokens.nonce_hash(nonce), "user_id": user_id})
+            row = await self._fetch(self._login_sql, {"nonce_hash": digest(nonce), "user_id": user_id})
             if row is None:
-                raise tokens.Refused("token unknown or already used")
+                raise tokens.Refused(tokens.TOKEN_UNKNOWN)
             return self._identity(row, user_id), ""
         except tokens.Refused as refusal:
-            logger.info("authentication refused: %s", refusal.reason)
-            return None, refusal.reason
+            return None, tokens.refused(refusal)
 
-    async def identity_for_session(self, session_key: str, user_id: int) -> tokens.Identity | None:
+    async def identity_for_session(self, session_key: str, user_id: int) -> Identity | None:
         """Like :func:`realtime.tokens.identity_for_session`: the live identity, or None."""
         if self.pool is None:
             return await run_sync(tokens.identity_for_session, session_key, user_id)
         row = await self._fetch(self._recheck_sql, {"session_key": session_key, "user_id": user_id})
         try:
+            if row is None:  # the statement always returns a row; be safe anyway
+                raise tokens.Refused(tokens.SESSION_ENDED)
             return self._identity(row, user_id)
         except tokens.Refused as refusal:
-            logger.info("session re-check refused user %s: %s", user_id, refusal.reason)
+            tokens.refused(refusal, user_id=user_id)
             return None
 
     async def _fetch(self, sql: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -120,12 +127,12 @@ class Verifier:
         except psycopg.Error as exc:
             raise DatabaseError(str(exc).strip() or type(exc).__name__) from exc
 
-    def _identity(self, row: tuple[Any, ...], user_id: int) -> tokens.Identity:
+    def _identity(self, row: tuple[Any, ...], user_id: int) -> Identity:
         fresh, session_key, session_data, groups, permissions, *user_values = row
         if not fresh:
-            raise tokens.Refused("token expired")
+            raise tokens.Refused(tokens.TOKEN_EXPIRED)
         if session_data is None:
-            raise tokens.Refused("session ended")
+            raise tokens.Refused(tokens.SESSION_ENDED)
         data = self._session_store().decode(session_data)
         tokens.check_session_data(data, user_id)
         user = None
@@ -186,13 +193,14 @@ class Verifier:
         """``source`` yields ``(session_key, fresh)``; the statement adds the session, user, groups, permissions."""
         q = connections[DEFAULT_DB_ALIAS].ops.quote_name
         user = self._user_model._meta
-        session = self._session_store().get_model_class()._meta
+        session = cast(type[Model], self._session_store().get_model_class())._meta
         groups_field = user.get_field("groups")
         user_perms_field = user.get_field("user_permissions")
         group_perms_field = Group._meta.get_field("permissions")
-        user_groups = groups_field.remote_field.through._meta.db_table
-        user_perms = user_perms_field.remote_field.through._meta.db_table
-        group_perms = group_perms_field.remote_field.through._meta.db_table
+        user_groups, user_perms, group_perms = (
+            cast(type[Model], field.remote_field.through)._meta.db_table
+            for field in (groups_field, user_perms_field, group_perms_field)
+        )
         user_pk = f"u.{q(user.pk.column)}"
         ug_user, ug_group = q(groups_field.m2m_column_name()), q(groups_field.m2m_reverse_name())
         up_user, up_perm = q(user_perms_field.m2m_column_name()), q(user_perms_field.m2m_reverse_name())

@@ -13,14 +13,16 @@ a handshake or never read:
 - **Unread output.** websockets answers each ping with a pong and never
   waits for the peer to read it. A peer whose unsent data passes
   ``REALTIME["MAX_BUFFER"]`` is not reading: its socket is aborted.
-- **Control frames.** Pings and pongs count against the same budget as
-  messages (``MESSAGE_BURST``, ``MESSAGES_PER_MINUTE``); past it the
-  connection is closed with 1008, before or after authentication.
+- **Control frames and fragments.** Pings, pongs and continuation frames
+  count against a budget as large as the messages' (``MESSAGE_BURST``,
+  ``MESSAGES_PER_MINUTE``); past it the connection is closed with 1008,
+  before or after authentication, and aborted if it goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -29,16 +31,65 @@ from websockets.asyncio.server import ServerConnection
 from websockets.frames import Frame, Opcode
 
 from realtime.conf import settings
-from realtime.protocol import CloseCode
-from realtime.ratelimit import TokenBucket
+from realtime.core.protocol import CloseCode
+from realtime.core.ratelimit import TokenBucket
 
-__all__ = ["HARD_MARGIN", "guarded_connection"]
+__all__ = [
+    "BACKLOG",
+    "HARD_MARGIN",
+    "connection_limit",
+    "guarded_connection",
+    "raise_open_files_limit",
+    "reserved_files",
+]
 
 logger = logging.getLogger("realtime.server")
 
 # Sockets accepted past the connection limit while their requests are read
 # (they get a 503); beyond this margin they are reset on accept.
 HARD_MARGIN = 64
+# The listen queue, and the most sockets asyncio accepts in one round: about
+# three rounds are open before their connections are counted.
+BACKLOG = 100
+
+
+def reserved_files() -> int:
+    """File descriptors kept for everything but counted clients.
+
+    The worker's own (listener, login pool, up to ``THREADS`` pool connections,
+    logs, listening sockets), the sockets reset past the connection limit
+    (``HARD_MARGIN``), and about three accept rounds not yet counted.
+    """
+    return int(settings.THREADS) + 32 + HARD_MARGIN + 3 * BACKLOG
+
+
+def connection_limit() -> int:
+    """``MAX_CONNECTIONS``, lowered to what this process may open (RLIMIT_NOFILE) less ``reserved_files()``.
+
+    Past its open-files limit a process can neither accept nor reach the
+    database: better answer 503 to the next client than fail everyone.
+    """
+    limit = int(settings.MAX_CONNECTIONS)
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return limit
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return limit
+    return max(1, min(limit, soft - reserved_files()))
+
+
+def raise_open_files_limit() -> None:
+    """Each connection is a file descriptor: lift the soft limit (often 1024) to the hard one."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
 
 
 def guarded_connection(limit: Callable[[], int]) -> type[ServerConnection]:
@@ -65,15 +116,17 @@ def guarded_connection(limit: Callable[[], int]) -> type[ServerConnection]:
                 transport.abort()
 
         def process_event(self, event: Any) -> None:
-            is_control = isinstance(event, Frame) and event.opcode in (Opcode.PING, Opcode.PONG)
-            if is_control and not self.control_frames.allow():
+            # Pings and pongs, and the continuation frames of fragmented messages (empty ones never
+            # reach max_size): frames that cost the worker work without being messages.
+            counted = isinstance(event, Frame) and event.opcode in (Opcode.PING, Opcode.PONG, Opcode.CONT)
+            if counted and not self.control_frames.allow():
                 if self.closing_task is not None:
                     # Still flooding after the close: websockets would keep answering its pings.
                     self.transport.abort()
                 else:
-                    logger.info("%s closed 1008: too many pings", _peer(self))
+                    logger.info("%s closed 1008: too many pings or fragments", _peer(self))
                     self.closing_task = asyncio.ensure_future(
-                        self.close(CloseCode.POLICY_VIOLATION, "too many control frames")
+                        self.close(CloseCode.POLICY_VIOLATION, "too many control frames or fragments")
                     )
                 return
             super().process_event(event)

@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import psycopg
 
-from realtime.db import EVENT_COLUMNS, OutboxEvent, row_to_event
-from realtime.outbox import NOTIFY_CHANNEL
+from realtime.core.audience import ControlEvent, OutboxEvent
+from realtime.outbox import NEWEST_POSITION, NOTIFY_CHANNEL, SELECT_COLUMNS, TABLE, row_to_event
 
 __all__ = ["Listener"]
 
@@ -41,7 +41,9 @@ class Listener:
         batch_size: rows read per query.
     """
 
-    def __init__(self, conninfo: str, deliver: Callable[[list[OutboxEvent]], None], batch_size: int = 500) -> None:
+    def __init__(
+        self, conninfo: str, deliver: Callable[[list[OutboxEvent | ControlEvent]], None], batch_size: int = 500
+    ) -> None:
         self.conninfo = conninfo
         self.deliver = deliver
         self.batch_size = batch_size
@@ -79,7 +81,7 @@ class Listener:
             try:
                 await listen.execute(f"LISTEN {NOTIFY_CHANNEL}")
                 if self.cursor is None:
-                    cursor = await fetch.execute("SELECT coalesce(max(position), 0) FROM realtime_event")
+                    cursor = await fetch.execute(NEWEST_POSITION)
                     row = await cursor.fetchone()
                     self.cursor = int(row[0]) if row else 0
                 self.ready = True
@@ -111,7 +113,7 @@ class Listener:
         raise psycopg.OperationalError("notification stream ended")
 
     async def _read_loop(self, connection: psycopg.AsyncConnection) -> None:
-        sql = f"SELECT {EVENT_COLUMNS} FROM realtime_event WHERE position > %s ORDER BY position LIMIT %s"
+        sql = f"SELECT {SELECT_COLUMNS} FROM {TABLE} WHERE position > %s ORDER BY position LIMIT %s"
         while True:
             # asyncio.timeout(), not wait_for(): no task per wake-up.
             with contextlib.suppress(TimeoutError):

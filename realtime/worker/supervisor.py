@@ -28,28 +28,15 @@ logger = logging.getLogger("realtime.supervisor")
 EARLY_EXIT = 3.0
 
 
-def _worker_main(host: str, port: int, number: int, keep_open: float) -> None:
+def _worker_main(host: str, port: int, number: int, keep_open: float, parent_pid: int) -> None:
     """Entry point of a worker process."""
-    import asyncio
-
     import django
 
     django.setup()
-    from realtime.logs import log_to_stderr_unless_configured
-    from realtime.memory import return_freed_memory_to_os, tune_garbage_collector
-
-    log_to_stderr_unless_configured()
-    from realtime.server import Worker, wait_for_stop_signal
-
-    return_freed_memory_to_os()
-    tune_garbage_collector()
-
-    async def main() -> None:
-        worker = Worker(name=f"worker-{number}")
-        await worker.run(host, port, wait_for_stop_signal(), keep_open=keep_open, reuse_port=True)
+    from realtime.worker.server import serve_forever
 
     try:
-        asyncio.run(main())
+        serve_forever(host, port, name=f"worker-{number}", keep_open=keep_open, reuse_port=True, parent_pid=parent_pid)
     except OSError as exc:
         logger.error("worker %d cannot listen on %s:%d: %s", number, host, port, exc.strerror or exc)
         raise SystemExit(1) from None
@@ -65,7 +52,9 @@ class _Supervisor:
 
     def start(self, number: int) -> None:
         process = self.context.Process(
-            target=_worker_main, args=(self.host, self.port, number, self.keep_open), name=f"realtime-worker-{number}"
+            target=_worker_main,
+            args=(self.host, self.port, number, self.keep_open, os.getpid()),
+            name=f"realtime-worker-{number}",
         )
         process.start()
         self.processes[number] = process

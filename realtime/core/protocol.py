@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = [
     "Auth",
@@ -142,7 +142,7 @@ def parse_auth(message: str | bytes) -> Auth:
     return Auth(token=token, last_id=last_id, topics=tuple(dict.fromkeys(topics)))
 
 
-def _valid_topic(topic: object) -> bool:
+def _valid_topic(topic: object) -> TypeGuard[str]:
     """A topic is 1 to MAX_TOPIC_LENGTH printable characters.
 
     ``isprintable()`` refuses control characters (NUL, which PostgreSQL text
@@ -195,7 +195,7 @@ def encode_welcome(user_id: int, username: str, last_id: int) -> str:
 def encode_event(position: int, name: str, topic: str | None, data_json: str, at: str) -> str:
     """Serialise an event; ``data_json`` is already-encoded JSON (from jsonb).
 
-    The reference for the format: the worker sends ``realtime.db.EVENT_MESSAGE``,
+    The reference for the format: the worker sends ``realtime.outbox.EVENT_MESSAGE``,
     built by PostgreSQL in the same shape (tests/test_outbox.py keeps them equal).
     """
     return (

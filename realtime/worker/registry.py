@@ -4,36 +4,24 @@ The registry indexes clients by user id, group name, permission, staff flag,
 superuser flag, topic and session hash. ``recipients()`` unions the index
 entries named by an event's audience; it never scans every connection
 (except for ``everyone``, whose recipients are every connection).
-``matches()`` applies the same rules to one client, and ``AUDIENCE_SQL`` (with
-``audience_sql_params()``) to outbox rows in PostgreSQL, for replay; tests hold
-the three to the same answers.
+It implements the audience rule of :mod:`realtime.core.audience` as an index:
+``recipients(audience)`` is exactly the clients ``matches()`` accepts
+(``tests/test_audience_rule.py``).
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict, deque
-from collections.abc import Collection, Iterable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Collection, Iterable
+from typing import Any, Protocol
 
-from realtime.protocol import State
-from realtime.tokens import Identity
+from realtime.core.audience import Audience, Identity
+from realtime.core.protocol import State
 
-__all__ = ["AUDIENCE_SQL", "Audience", "Client", "Registry", "audience_sql_params", "matches"]
+__all__ = ["Client", "Observer", "Registry"]
 
 NO_TOPICS: frozenset[str] = frozenset()
-
-
-class Audience(NamedTuple):
-    """Who may receive an event (the audience columns of an outbox row, in their order)."""
-
-    users: Sequence[int] = ()
-    groups: Sequence[str] = ()
-    permissions: Sequence[str] = ()
-    staff: bool = False
-    everyone: bool = False
-    topic: str | None = None
-    staff_only: bool = False
 
 
 class Client:
@@ -77,51 +65,24 @@ class Client:
         return f"<Client user={self.identity.user_id} {self.remote} {self.state.value}>"
 
 
-def matches(identity: Identity, topics: Iterable[str], audience: Audience) -> bool:
-    """Return True if a client with ``identity`` and ``topics`` may receive ``audience``."""
-    if audience.staff_only and not identity.is_staff:
-        return False
-    return (
-        audience.everyone
-        or identity.user_id in audience.users
-        or (audience.staff and identity.is_staff)
-        or not identity.groups.isdisjoint(audience.groups)
-        or (bool(audience.permissions) and identity.is_superuser)
-        or not identity.permissions.isdisjoint(audience.permissions)
-        or (audience.topic is not None and audience.topic in topics)
-    )
+class Observer(Protocol):
+    """Told of every change to the registry, in the event loop, without I/O (presence)."""
 
-
-# matches() for outbox rows: a WHERE clause on the audience columns, with
-# audience_sql_params() for one client.
-AUDIENCE_SQL = (
-    "(NOT staff_only OR %(is_staff)s) AND ("
-    "everyone"
-    " OR %(user_id)s = ANY(users)"
-    " OR (staff AND %(is_staff)s)"
-    " OR groups && %(groups)s::varchar[]"
-    " OR (cardinality(permissions) > 0 AND %(is_superuser)s)"
-    " OR permissions && %(permissions)s::varchar[]"
-    " OR coalesce(topic = ANY(%(topics)s::varchar[]), false))"
-)
-
-
-def audience_sql_params(identity: Identity, topics: Iterable[str]) -> dict[str, Any]:
-    """Return the parameters of ``AUDIENCE_SQL`` for a client with ``identity`` and ``topics``."""
-    return {
-        "user_id": identity.user_id,
-        "is_staff": identity.is_staff,
-        "is_superuser": identity.is_superuser,
-        "groups": sorted(identity.groups),
-        "permissions": sorted(identity.permissions),
-        "topics": sorted(topics),
-    }
+    def joined(self, client: Client) -> None: ...
+    def left(self, client: Client) -> None: ...
+    def subscribed(self, client: Client, topic: str) -> None: ...
+    def unsubscribed(self, client: Client, topic: str) -> None: ...
 
 
 class Registry:
-    """Indexes of the connected clients; every method is O(1) or O(result)."""
+    """Indexes of the connected clients; every method is O(1) or O(result).
 
-    def __init__(self) -> None:
+    The one place where a connection's routing and presence change: each
+    change is passed on to ``observer`` (the worker's presence tracker).
+    """
+
+    def __init__(self, observer: Observer | None = None) -> None:
+        self.observer = observer
         # A dict as an ordered set: iterating in connection order walks memory in
         # allocation order, which made a fan-out to 9,000 clients 15 ms faster than a set.
         self.clients: dict[Client, None] = {}
@@ -136,10 +97,15 @@ class Registry:
     def __len__(self) -> int:
         return len(self.clients)
 
-    def add(self, client: Client) -> None:
-        """Index ``client`` under its identity and topics."""
+    def add(self, client: Client, topics: Iterable[str] = ()) -> None:
+        """Index ``client`` under its identity, subscribed to ``topics``."""
         self.clients[client] = None
         self._index(client, add=True)
+        for topic in topics:
+            client.topics = client.topics | {topic}
+            self._by_topic[topic].add(client)
+        if self.observer is not None:
+            self.observer.joined(client)  # with its topics
 
     def remove(self, client: Client) -> None:
         """Forget ``client``; safe to call twice."""
@@ -149,6 +115,8 @@ class Registry:
         self._index(client, add=False)
         for topic in client.topics:
             _discard(self._by_topic, topic, client)
+        if self.observer is not None:
+            self.observer.left(client)
 
     def update_identity(self, client: Client, identity: Identity) -> None:
         """Re-index ``client`` after its user's rights changed."""
@@ -157,12 +125,22 @@ class Registry:
         self._index(client, add=True)
 
     def subscribe(self, client: Client, topic: str) -> None:
+        """Subscribe a registered ``client`` to ``topic``."""
+        if client not in self.clients:
+            return
         client.topics = client.topics | {topic}
         self._by_topic[topic].add(client)
+        if self.observer is not None:
+            self.observer.subscribed(client, topic)
 
     def unsubscribe(self, client: Client, topic: str) -> None:
+        """Unsubscribe ``client`` from ``topic`` (nothing if it was not subscribed)."""
+        if topic not in client.topics:
+            return
         client.topics = client.topics - {topic}
         _discard(self._by_topic, topic, client)
+        if self.observer is not None:
+            self.observer.unsubscribed(client, topic)
 
     def for_user(self, user_id: int) -> set[Client]:
         return set(self._by_user.get(user_id, ()))

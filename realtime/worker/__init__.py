@@ -1,0 +1,1 @@
+"""What runs only in ``manage.py runwebsockets``: the asyncio worker and its parts."""
