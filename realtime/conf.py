@@ -1,124 +1,178 @@
-"""The ``REALTIME`` setting: defaults, loading and reloading.
+"""The ``REALTIME`` setting, declared once: each key's default, its rule, and what it means.
 
-Read settings through ``realtime.conf.settings`` (an attribute per key, upper
-case). It is reloaded when Django's ``setting_changed`` signal fires, so
-``override_settings(REALTIME={...})`` works in tests.
+``SETTINGS`` is the one table: :class:`Settings` loads and validates from it,
+``DEFAULTS`` is derived from it, and ``tests/test_conf.py`` holds the table in
+docs/settings.md to it. Read settings through ``realtime.conf.settings`` (an
+attribute per key). It is reloaded when Django's ``setting_changed`` signal
+fires, so ``override_settings(REALTIME={...})`` works in tests. An invalid
+value falls back to its default and is listed in ``settings.errors``, which
+system check ``realtime.E002`` reports.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings as django_settings
 from django.core.signals import setting_changed
 
-__all__ = ["DEFAULTS", "settings"]
+__all__ = ["DEFAULTS", "SETTINGS", "Setting", "settings"]
 
-DEFAULTS: dict[str, Any] = {
-    # Public websocket URL returned by the token view. None builds it from the
-    # request's host name and WS_PORT (ws:// or wss:// after the request).
-    "URL": None,
-    "WS_PORT": 8765,
-    # Lifetime of a connection token, in seconds.
-    "TOKEN_MAX_AGE": 60,
-    # Largest JSON-encoded ``data`` accepted by publish(), in bytes.
-    "MAX_DATA_SIZE": 1024 * 1024,
-    # Seconds a client has to send its first (authentication) message.
-    "AUTH_TIMEOUT": 10.0,
-    # Largest inbound message from a client, in bytes (bigger: close 1009).
-    "MAX_MESSAGE_SIZE": 64 * 1024,
-    # A client whose unsent data passes this many bytes is too slow: it is
-    # closed with 1013 so that it cannot hold memory or slow anyone else.
-    "MAX_BUFFER": 4 * 1024 * 1024,
-    # Events a reconnecting client may have queued while its replay runs.
-    "MAX_PENDING": 10_000,
-    # Events read from the outbox per query (live and replay).
-    "BATCH_SIZE": 500,
-    # Threads for ORM and session work in the websocket process.
-    "THREADS": 32,
-    # Topic policy: fnmatch pattern -> permission required to subscribe
-    # ("app_label.codename"), or None for any authenticated user.
-    "TOPICS": {"*": None},
-    # Or a dotted path to can_subscribe(user, topic) -> bool, which then
-    # decides instead of TOPICS (run in a thread: it may use the ORM).
-    "TOPIC_POLICY": None,
-    # Events are kept this many seconds for resume; older ones are pruned and
-    # a client whose cursor is older receives {"type": "reset"}.
-    "RETENTION": 24 * 3600,
-    # Each worker prunes expired events about this often, in seconds.
-    "PRUNE_INTERVAL": 60.0,
-    # Keepalive pings from the server, in seconds (None disables them), and the
-    # wait for the closing handshake: a half-open connection is gone within
-    # PING_INTERVAL + PING_TIMEOUT + CLOSE_TIMEOUT (30 s by default).
-    "PING_INTERVAL": 10.0,
-    "PING_TIMEOUT": 15.0,
-    "CLOSE_TIMEOUT": 5.0,
-    # Origins allowed to open a websocket. None derives them from ALLOWED_HOSTS
-    # and CSRF_TRUSTED_ORIGINS; otherwise a list of exact origins, regular
-    # expressions (strings starting with "^"), and None to accept clients that
-    # send no Origin (scripts, not browsers).
-    "ALLOWED_ORIGINS": None,
-    # Messages a client may send after authenticating: bursts of MESSAGE_BURST,
-    # MESSAGES_PER_MINUTE sustained. Faster: closed with 1008.
-    "MESSAGE_BURST": 20,
-    "MESSAGES_PER_MINUTE": 100,
-    # Failed authentications allowed per client address per minute (bursts of as
-    # many); past it the address is answered 1013 without a database query.
-    "AUTH_FAILURES_PER_MINUTE": 30,
-    # Connections per user per worker, and per worker in all (more: 1013 / HTTP 503).
-    "MAX_CONNECTIONS_PER_USER": 20,
-    "MAX_CONNECTIONS": 50_000,
-    # Open connections are re-checked against their session this often (s):
-    # a session deleted by any means closes its sockets with 4401.
-    "REVALIDATE_INTERVAL": 60.0,
-    # Addresses (or networks) of reverse proxies whose X-Forwarded-For is believed.
-    "TRUSTED_PROXIES": [],
-    # permessage-deflate: None (off) or "deflate". Off by default: it costs about
-    # 64 KiB per connection instead of 14 KiB, and broadcast() must compress each
-    # recipient's copy separately; events are small JSON on fast links.
-    "COMPRESSION": None,
-    # The Server header of HTTP responses on the websocket port (None: no header).
-    "SERVER_HEADER": "realtime",
-    # Each worker writes its heartbeat and its connections' presence this
-    # often, in seconds; a worker silent for 3 intervals + 2 s counts as dead.
-    "PRESENCE_INTERVAL": 2.0,
-    # The database the workers LISTEN on (and read the outbox from): None for
-    # DATABASES["default"], a DATABASES alias, or a libpq connection string or
-    # URI. Set it when "default" goes through a pooler in transaction mode.
-    "LISTEN_DATABASE": None,
-    # Topics (fnmatch patterns) whose subscribers receive presence.join and
-    # presence.leave events when a user's first / last connection comes and goes.
-    "PRESENCE_TOPICS": [],
+# A rule checks a value; it returns why the value is refused, or None.
+Rule = Callable[[str, Any], str | None]
+
+
+def positive_int(key: str, value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return f"REALTIME[{key!r}] must be a positive integer, not {value!r}."
+    return None
+
+
+def seconds(key: str, value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        return f"REALTIME[{key!r}] must be a positive number of seconds, not {value!r}."
+    return None
+
+
+def seconds_or_none(key: str, value: Any) -> str | None:
+    return None if value is None else seconds(key, value)
+
+
+def ws_url_or_none(key: str, value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.startswith(("ws://", "wss://"))):
+        return f"REALTIME[{key!r}] must be None or a ws:// or wss:// URL, not {value!r}."
+    return None
+
+
+def origins(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or not all(o is None or isinstance(o, str) for o in value):
+        return f"REALTIME[{key!r}] must be None or a list of origins (str) and None."
+    for origin in value:
+        if isinstance(origin, str) and origin.startswith("^"):
+            try:
+                re.compile(origin)
+            except re.error as exc:
+                return f"REALTIME[{key!r}] pattern {origin!r} is not a regular expression: {exc}."
+    return None
+
+
+def networks(key: str, value: Any) -> str | None:
+    try:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)
+    except (TypeError, ValueError):
+        return f"REALTIME[{key!r}] must be a list of IP addresses or networks, not {value!r}."
+    return None
+
+
+def compression(key: str, value: Any) -> str | None:
+    if value not in (None, "deflate"):
+        return f"REALTIME[{key!r}] must be None or 'deflate', not {value!r}."
+    return None
+
+
+def str_or_none(key: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        return f"REALTIME[{key!r}] must be a string or None."
+    return None
+
+
+def topic_patterns(key: str, value: Any) -> str | None:
+    if not isinstance(value, list | tuple) or not all(isinstance(p, str) and p for p in value):
+        return f"REALTIME[{key!r}] must be a list of topic patterns (non-empty str), not {value!r}."
+    return None
+
+
+def dotted_path_or_none(key: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        return f"REALTIME[{key!r}] must be None or a dotted path to can_subscribe(user, topic)."
+    return None
+
+
+def topic_rules(key: str, value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return f"REALTIME[{key!r}] must be a dict of pattern -> permission or None."
+    return None
+
+
+def database_or_none(key: str, value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and value in getattr(django_settings, "DATABASES", {})):
+        return None
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    if isinstance(value, str) and value:
+        try:
+            conninfo_to_dict(value)
+        except ProgrammingError:
+            pass
+        else:
+            return None
+    return f"REALTIME[{key!r}] must be None, a DATABASES alias or a libpq connection string, not {value!r}."
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One key of ``REALTIME``: its default, the rule its value must follow, and what it means."""
+
+    default: Any
+    rule: Rule
+    doc: str
+
+
+SETTINGS: dict[str, Setting] = {
+    "URL": Setting(
+        None,
+        ws_url_or_none,
+        "Public websocket URL returned by the token view; None builds it from the request's host and WS_PORT.",
+    ),
+    "WS_PORT": Setting(8765, positive_int, "Port of the websocket URL built when URL is None."),
+    "TOKEN_MAX_AGE": Setting(60, positive_int, "Lifetime of a connection token, in seconds."),
+    "MAX_DATA_SIZE": Setting(1024 * 1024, positive_int, "Largest JSON-encoded publish() data, in UTF-8 bytes."),
+    "AUTH_TIMEOUT": Setting(10.0, seconds, "Seconds a client has to authenticate (else 4408)."),
+    "MAX_MESSAGE_SIZE": Setting(64 * 1024, positive_int, "Largest inbound message, in bytes (bigger: 1009)."),
+    "MAX_BUFFER": Setting(
+        4 * 1024 * 1024, positive_int, "Unsent bytes past which a client is too slow and closed with 1013."
+    ),
+    "MAX_PENDING": Setting(10_000, positive_int, "Live events a client may have queued while its replay runs."),
+    "BATCH_SIZE": Setting(500, positive_int, "Events read from the outbox per query (live and replay)."),
+    "THREADS": Setting(32, positive_int, "Threads for ORM and session work in the websocket process."),
+    "TOPICS": Setting(
+        {"*": None}, topic_rules, "fnmatch pattern -> permission needed to subscribe, or None for any user."
+    ),
+    "TOPIC_POLICY": Setting(None, dotted_path_or_none, "Dotted path to can_subscribe(user, topic), replaces TOPICS."),
+    "RETENTION": Setting(24 * 3600, positive_int, "Seconds events are kept for resume; older cursors get reset."),
+    "PRUNE_INTERVAL": Setting(60.0, seconds, "Seconds between a worker's pruning runs (x 0.5 to 1.5)."),
+    "PING_INTERVAL": Setting(10.0, seconds_or_none, "Seconds between keepalive pings (None: no pings)."),
+    "PING_TIMEOUT": Setting(15.0, seconds_or_none, "Seconds to wait for a pong before closing (None: forever)."),
+    "CLOSE_TIMEOUT": Setting(5.0, seconds, "Seconds to wait for the closing handshake."),
+    "ALLOWED_ORIGINS": Setting(
+        None, origins, "Origins allowed to connect: None derives them from ALLOWED_HOSTS and CSRF_TRUSTED_ORIGINS."
+    ),
+    "MESSAGE_BURST": Setting(20, positive_int, "Client messages allowed in a burst after welcome."),
+    "MESSAGES_PER_MINUTE": Setting(100, positive_int, "Client messages allowed per minute, sustained."),
+    "AUTH_FAILURES_PER_MINUTE": Setting(
+        30, positive_int, "Failed logins that cost a query allowed per client address per minute."
+    ),
+    "MAX_CONNECTIONS_PER_USER": Setting(20, positive_int, "Connections one user may have on one worker."),
+    "MAX_CONNECTIONS": Setting(50_000, positive_int, "Open connections per worker (lowered to the open-files limit)."),
+    "REVALIDATE_INTERVAL": Setting(60.0, seconds, "Seconds between re-checks of every open session."),
+    "TRUSTED_PROXIES": Setting([], networks, "Reverse proxies whose X-Forwarded-For is believed."),
+    "COMPRESSION": Setting(None, compression, "permessage-deflate: None (off) or 'deflate'."),
+    "SERVER_HEADER": Setting("realtime", str_or_none, "Server header on the websocket port (None: no header)."),
+    "PRESENCE_INTERVAL": Setting(2.0, seconds, "Seconds between a worker's presence writes."),
+    "LISTEN_DATABASE": Setting(
+        None, database_or_none, "Database to LISTEN on: None (default), a DATABASES alias or a connection string."
+    ),
+    "PRESENCE_TOPICS": Setting([], topic_patterns, "Topic patterns whose subscribers get presence.join/leave."),
 }
-
-
-_POSITIVE_INTS = (
-    "RETENTION",
-    "WS_PORT",
-    "TOKEN_MAX_AGE",
-    "MAX_DATA_SIZE",
-    "MAX_MESSAGE_SIZE",
-    "MAX_PENDING",
-    "MAX_BUFFER",
-    "BATCH_SIZE",
-    "THREADS",
-    "MESSAGE_BURST",
-    "MESSAGES_PER_MINUTE",
-    "AUTH_FAILURES_PER_MINUTE",
-    "MAX_CONNECTIONS_PER_USER",
-    "MAX_CONNECTIONS",
-)
-_SECONDS = (
-    "AUTH_TIMEOUT",
-    "CLOSE_TIMEOUT",
-    "PING_INTERVAL",
-    "PING_TIMEOUT",
-    "PRUNE_INTERVAL",
-    "REVALIDATE_INTERVAL",
-    "PRESENCE_INTERVAL",
-)
+DEFAULTS: dict[str, Any] = {key: setting.default for key, setting in SETTINGS.items()}
 
 
 class Settings:
@@ -126,90 +180,29 @@ class Settings:
 
     def __init__(self) -> None:
         self._values: dict[str, Any] = {}
+        self.errors: list[str] = []
+        self.explicit: frozenset[str] = frozenset()
         self.load()
 
     def load(self) -> None:
-        """Read ``settings.REALTIME`` over DEFAULTS.
-
-        Invalid values fall back to their default and are listed in
-        ``errors``, which the ``realtime.E002`` system check reports.
-        """
-        self.errors: list[str] = []
+        """Read ``settings.REALTIME`` over the defaults, key by key through its rule."""
+        self.errors = []
         user = getattr(django_settings, "REALTIME", None) or {}
         if not isinstance(user, dict):
             self.errors.append("REALTIME must be a dict.")
             user = {}
         # Keys the site set itself: a limit it chose deserves a warning when it cannot be met.
-        self.explicit = frozenset(key for key in user if key in DEFAULTS)
-        for key in sorted(set(user) - set(DEFAULTS)):
+        self.explicit = frozenset(key for key in user if key in SETTINGS)
+        for key in sorted(set(user) - set(SETTINGS)):
             self.errors.append(f"Unknown REALTIME setting {key!r}.")
-        values = {**DEFAULTS, **{k: v for k, v in user.items() if k in DEFAULTS}}
-        for key in _POSITIVE_INTS:
-            if isinstance(values[key], bool) or not isinstance(values[key], int) or values[key] <= 0:
-                self.errors.append(f"REALTIME[{key!r}] must be a positive integer, not {values[key]!r}.")
-                values[key] = DEFAULTS[key]
-        for key in _SECONDS:
-            value = values[key]
-            if value is None and key in ("PING_INTERVAL", "PING_TIMEOUT"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                self.errors.append(f"REALTIME[{key!r}] must be a positive number of seconds, not {value!r}.")
-                values[key] = DEFAULTS[key]
-        origins = values["ALLOWED_ORIGINS"]
-        if origins is not None and (
-            not isinstance(origins, list | tuple) or not all(o is None or isinstance(o, str) for o in origins)
-        ):
-            self.errors.append("REALTIME['ALLOWED_ORIGINS'] must be None or a list of origins (str) and None.")
-            values["ALLOWED_ORIGINS"] = DEFAULTS["ALLOWED_ORIGINS"]
-        for origin in values["ALLOWED_ORIGINS"] or ():
-            if isinstance(origin, str) and origin.startswith("^"):
-                try:
-                    re.compile(origin)
-                except re.error as exc:
-                    self.errors.append(
-                        f"REALTIME['ALLOWED_ORIGINS'] pattern {origin!r} is not a regular expression: {exc}."
-                    )
-                    values["ALLOWED_ORIGINS"] = DEFAULTS["ALLOWED_ORIGINS"]
-                    break
-        if values["URL"] is not None and (
-            not isinstance(values["URL"], str) or not values["URL"].startswith(("ws://", "wss://"))
-        ):
-            self.errors.append(f"REALTIME['URL'] must be None or a ws:// or wss:// URL, not {values['URL']!r}.")
-            values["URL"] = None
-        proxies = values["TRUSTED_PROXIES"]
-        try:
-            for proxy in proxies:
-                ipaddress.ip_network(proxy, strict=False)
-        except (TypeError, ValueError):
-            self.errors.append(
-                f"REALTIME['TRUSTED_PROXIES'] must be a list of IP addresses or networks, not {proxies!r}."
-            )
-            values["TRUSTED_PROXIES"] = []
-        if values["COMPRESSION"] not in (None, "deflate"):
-            self.errors.append(f"REALTIME['COMPRESSION'] must be None or 'deflate', not {values['COMPRESSION']!r}.")
-            values["COMPRESSION"] = None
-        if values["SERVER_HEADER"] is not None and not isinstance(values["SERVER_HEADER"], str):
-            self.errors.append("REALTIME['SERVER_HEADER'] must be a string or None.")
-            values["SERVER_HEADER"] = DEFAULTS["SERVER_HEADER"]
-        patterns = values["PRESENCE_TOPICS"]
-        if not isinstance(patterns, list | tuple) or not all(isinstance(p, str) and p for p in patterns):
-            self.errors.append(
-                f"REALTIME['PRESENCE_TOPICS'] must be a list of topic patterns (non-empty str), not {patterns!r}."
-            )
-            values["PRESENCE_TOPICS"] = DEFAULTS["PRESENCE_TOPICS"]
-        if values["TOPIC_POLICY"] is not None and not isinstance(values["TOPIC_POLICY"], str):
-            self.errors.append("REALTIME['TOPIC_POLICY'] must be None or a dotted path to can_subscribe(user, topic).")
-            values["TOPIC_POLICY"] = None
-        target = values["LISTEN_DATABASE"]
-        if target is not None and not _is_database(target):
-            self.errors.append(
-                f"REALTIME['LISTEN_DATABASE'] must be None, a DATABASES alias or a libpq connection string, "
-                f"not {target!r}."
-            )
-            values["LISTEN_DATABASE"] = None
-        if not isinstance(values["TOPICS"], dict):
-            self.errors.append("REALTIME['TOPICS'] must be a dict of pattern -> permission or None.")
-            values["TOPICS"] = DEFAULTS["TOPICS"]
+        values = {}
+        for key, setting in SETTINGS.items():
+            value = user.get(key, setting.default)
+            refusal = setting.rule(key, value) if key in user else None
+            if refusal is not None:
+                self.errors.append(refusal)
+                value = setting.default
+            values[key] = value
         self._values = values
 
     def __getattr__(self, name: str) -> Any:
@@ -217,21 +210,6 @@ class Settings:
             return self._values[name]
         except KeyError:
             raise AttributeError(f"Unknown REALTIME setting: {name}") from None
-
-
-def _is_database(target: object) -> bool:
-    if not isinstance(target, str) or not target:
-        return False
-    if target in getattr(django_settings, "DATABASES", {}):
-        return True
-    from psycopg import ProgrammingError
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        conninfo_to_dict(target)
-    except ProgrammingError:
-        return False
-    return True
 
 
 settings = Settings()

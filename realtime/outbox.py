@@ -36,6 +36,7 @@ __all__ = [
     "TABLE",
     "USER_CHANGED",
     "publish",
+    "publish_audience",
     "publish_control",
     "publish_many",
     "read_events",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from realtime import publish
-from tests.conftest import ORIGIN, get_token, logged_in, make_user, open_ws, receive_events, start_worker
+from tests.helpers import ORIGIN, get_token, logged_in, make_user, open_ws, receive_events, start_worker
 from tests.rawws import frame, raw_connect, send_text
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.contrib.auth.models import Group
 
-from tests.conftest import assert_silent, get_token, logged_in, make_user, open_ws, receive_events
+from tests.helpers import assert_nothing_more, get_token, logged_in, make_user, open_ws, receive_events
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -17,9 +17,8 @@ def test_admin_change_reaches_permitted_staff_only(worker):
     changer = make_user("changer", staff=True, perms=("auth.change_group",))
     unpermitted = make_user("unpermitted", staff=True, perms=("auth.view_user",))
     outsider = make_user("outsider", perms=("auth.view_group",))  # has the permission, not staff
-    sockets = {
-        u.username: open_ws(worker, get_token(logged_in(u)))[0] for u in (viewer, changer, unpermitted, outsider)
-    }
+    users = {u.username: u for u in (viewer, changer, unpermitted, outsider)}
+    sockets = {name: open_ws(worker, get_token(logged_in(u)))[0] for name, u in users.items()}
 
     admin = logged_in(root)
     response = admin.post("/admin/auth/group/add/", {"name": "Editors"})
@@ -38,7 +37,7 @@ def test_admin_change_reaches_permitted_staff_only(worker):
         assert data["admin_url"] == f"/admin/auth/group/{group.pk}/change/"
         assert data["change_message"] == "Added."
     for name in ("unpermitted", "outsider"):
-        assert_silent(sockets[name])
+        assert_nothing_more(sockets[name], users[name])
     for ws in sockets.values():
         ws.close()
 
@@ -59,7 +58,7 @@ def test_admin_bulk_delete_sends_one_event_per_object(worker):
     assert sorted(e["data"]["object_repr"] for e in events) == ["g0", "g1", "g2"]
     assert {e["data"]["action"] for e in events} == {"deletion"}
     assert all(e["data"]["admin_url"] is None for e in events)
-    assert_silent(ws)
+    assert_nothing_more(ws, watcher)
     ws.close()
 
 

@@ -9,7 +9,16 @@ from django.contrib.auth.models import Group
 from django.core.management import CommandError, call_command
 
 from realtime.models import Event
-from tests.conftest import WAIT, assert_silent, get_token, logged_in, make_user, open_ws, receive_events, start_worker
+from tests.helpers import (
+    WAIT,
+    assert_nothing_more,
+    get_token,
+    logged_in,
+    make_user,
+    open_ws,
+    receive_events,
+    start_worker,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -69,7 +78,7 @@ def test_send_notification_action_reaches_selected_users_only(worker):
     form = admin.post(USERS, {**chosen, "index": 0})
     assert form.status_code == 200
     assert 'name="message"' in form.text
-    assert_silent(alice_ws)
+    assert_nothing_more(alice_ws, alice)
 
     done = admin.post(USERS, {**chosen, "apply": "yes", "message": "Lunch is ready"}, follow=True)
     assert done.status_code == 200
@@ -77,7 +86,7 @@ def test_send_notification_action_reaches_selected_users_only(worker):
     (event,) = receive_events(alice_ws, 1)
     assert event["event"] == "notification"
     assert event["data"] == {"message": "Lunch is ready", "from": {"id": root.pk, "username": "root"}}
-    assert_silent(bob_ws)
+    assert_nothing_more(bob_ws, bob)
     alice_ws.close()
     bob_ws.close()
 
@@ -118,7 +127,7 @@ def test_realtime_send_delivers_a_notification(worker, capsys):
     assert event["event"] == "notification"
     assert event["data"] == {"message": "Deploy at 22:00"}
     assert capsys.readouterr().out == f"Published 'notification' (id {event['id']}).\n"
-    assert_silent(bob_ws)
+    assert_nothing_more(bob_ws, bob)
 
     call_command("realtime_send", "--everyone", "--event", "build.done", "--data", '{"ok": true, "n": 3}')
     for ws in (alice_ws, bob_ws):

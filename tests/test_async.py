@@ -3,53 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from tests.conftest import (
-    BASE_DIR,
-    database_url_for_tests,
-    free_port,
-    get_token,
-    logged_in,
-    make_user,
-    open_ws,
-    receive_events,
-)
+from tests.helpers import get_token, logged_in, make_user, open_ws, receive_events, web_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@contextlib.contextmanager
-def asgi_server():
+def asgi_server() -> contextlib.AbstractContextManager[str]:
     """uvicorn serving the demo project plus tests/asgi_urls.py on a free loopback port."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url_for_tests(),
-        "DJANGO_SETTINGS_MODULE": "tests.asgi_settings",
-    }
-    args = [sys.executable, "-m", "uvicorn", "project.asgi:application", "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(args, cwd=BASE_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None, server.stdout.read().decode() if server.stdout else ""
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/login/", timeout=2).close()
-                break
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(15)
+    uvicorn = [sys.executable, "-m", "uvicorn", "project.asgi:application", "--host", "127.0.0.1", "--port", "{port}"]
+    return web_server(uvicorn, settings_module="tests.asgi_settings")
 
 
 def call(url: str, sessionid: str) -> tuple[int, bytes]:

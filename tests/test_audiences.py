@@ -10,7 +10,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
 
 from realtime import publish
-from tests.conftest import get_token, logged_in, make_user, open_ws, receive
+from tests.helpers import get_token, logged_in, make_user, open_ws, receive
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BASE_DIR, database_url_for_tests, start_worker
+from tests.helpers import BASE_DIR, database_url_for_tests, start_worker
 
 CHROMIUM = os.environ.get("REALTIME_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "img"

@@ -12,7 +12,7 @@ from django.test import override_settings
 
 from realtime.checks import check_settings
 from realtime.management.commands.runwebsockets import parse_addrport
-from tests.conftest import BASE_DIR, database_url_for_tests
+from tests.helpers import BASE_DIR, database_url_for_tests
 
 
 def manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -56,9 +56,10 @@ def test_e002_for_bad_settings():
     assert check_settings() == []  # override undone, settings reloaded
     with override_settings(REALTIME={"MESSAGE_BURST": 0, "ALLOWED_ORIGINS": ["^(unclosed"], "URL": "http://x/"}):
         messages = [m.msg for m in check_settings()]
-    assert messages[0] == "REALTIME['MESSAGE_BURST'] must be a positive integer, not 0."
+    # In the order of the settings table.
+    assert messages[0] == "REALTIME['URL'] must be None or a ws:// or wss:// URL, not 'http://x/'."
     assert messages[1].startswith("REALTIME['ALLOWED_ORIGINS'] pattern '^(unclosed' is not a regular expression")
-    assert messages[2] == "REALTIME['URL'] must be None or a ws:// or wss:// URL, not 'http://x/'."
+    assert messages[2] == "REALTIME['MESSAGE_BURST'] must be a positive integer, not 0."
 
 
 def test_w002_when_every_host_is_allowed_and_no_origins_are_set():
@@ -154,7 +155,7 @@ def test_runwebsockets_reload_restarts_on_code_change():
     import time
     from pathlib import Path
 
-    from tests.conftest import WorkerProcess, free_port
+    from tests.helpers import WorkerProcess, free_port
 
     port = free_port()
     log_path = Path(BASE_DIR / f".reload-test-{port}.log")
@@ -204,7 +205,7 @@ def test_realtime_status_reports_workers_connections_lag_and_outbox(worker):
     import time
 
     from realtime import publish
-    from tests.conftest import get_token, logged_in, make_user, open_ws, receive_events
+    from tests.helpers import get_token, logged_in, make_user, open_ws, receive_events
 
     alice = make_user("alice")
     ws, _ = open_ws(worker, get_token(logged_in(alice)))
@@ -265,7 +266,7 @@ def test_runwebsockets_listens_on_ipv6():
 
     from websockets.sync.client import connect
 
-    from tests.conftest import ORIGIN, free_port, get_token, logged_in, make_user
+    from tests.helpers import ORIGIN, free_port, get_token, logged_in, make_user
 
     port = free_port()
     process = subprocess.Popen(
@@ -298,7 +299,7 @@ def test_runwebsockets_listens_on_ipv6():
 
 def test_runwebsockets_logs_to_stderr_in_a_site_without_logging(transactional_db):
     """With no LOGGING for realtime, the worker's own lines reach stderr; a default limit is not a warning."""
-    from tests.conftest import start_worker
+    from tests.helpers import start_worker
 
     worker = start_worker(extra_env={"DJANGO_SETTINGS_MODULE": "tests.settings_bare"}, open_files=1024)
     try:
@@ -313,7 +314,7 @@ def test_runwebsockets_logs_to_stderr_in_a_site_without_logging(transactional_db
 
 def test_an_explicit_max_connections_over_the_open_files_limit_is_a_warning(transactional_db):
     """A MAX_CONNECTIONS the site chose, that the open-files limit cannot meet, is logged as a warning."""
-    from tests.conftest import start_worker
+    from tests.helpers import start_worker
 
     worker = start_worker(realtime={"MAX_CONNECTIONS": 5000}, open_files=1024)
     try:

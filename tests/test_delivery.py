@@ -23,7 +23,7 @@ from realtime import publish
 from realtime.client import RealtimeClient
 from realtime.models import Event
 from realtime.retention import prune
-from tests.conftest import BASE_DIR, ORIGIN, WAIT, get_token, logged_in, make_user, start_worker
+from tests.helpers import BASE_DIR, ORIGIN, WAIT, get_token, logged_in, make_user, start_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

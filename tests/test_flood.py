@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from realtime import publish, tokens
-from tests.conftest import (
+from tests.helpers import (
     ORIGIN,
     WAIT,
     WorkerProcess,

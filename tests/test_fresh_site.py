@@ -27,7 +27,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.conftest import BASE_DIR, WAIT, database_url_for_tests, free_port
+from tests.helpers import BASE_DIR, WAIT, database_url_for_tests, free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

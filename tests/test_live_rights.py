@@ -9,9 +9,9 @@ import pytest
 from django.contrib.auth.models import Group, Permission
 
 from realtime import publish
-from tests.conftest import (
+from tests.helpers import (
     ORIGIN,
-    assert_silent,
+    assert_nothing_more,
     get_token,
     logged_in,
     make_user,
@@ -24,37 +24,20 @@ from tests.rawws import raw_connect, send_text
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def wait_until_delivered(ws, user, event: str, permission: str, attempts: int = 50) -> dict:
-    """Publish ``event`` to ``permission`` holders until ``ws`` receives one (rights apply within a moment)."""
-    for _ in range(attempts):
-        publish(event, {}, permission=permission)
-        try:
-            message = json.loads(ws.recv(0.2))
-        except TimeoutError:
-            continue
-        if message["type"] == "event":
-            return message
-    raise AssertionError(f"{event} never arrived")
-
-
 def test_permission_granted_and_revoked_while_connected(worker):
     """Granting a permission starts delivery and revoking it stops it, on the same connection."""
     alice = make_user("alice")
     ws, _ = open_ws(worker, get_token(logged_in(alice)))
     publish("before", {}, permission="auth.view_user")
-    assert_silent(ws)
+    assert_nothing_more(ws, alice)
     perm = Permission.objects.get(content_type__app_label="auth", codename="view_user")
     perm.user_set.add(alice)  # from the Permission side
-    wait_until_delivered(ws, alice, "granted", "auth.view_user")
+    # Rights changes apply in commit order: the first event published after the grant is delivered.
+    publish("granted", {}, permission="auth.view_user")
+    assert [e["event"] for e in receive_events(ws, 1)] == ["granted"]
     perm.user_set.clear()  # a clear from the Permission side too
-    time.sleep(1.0)  # the re-check runs off the event loop; "about a second" is the promise
-    while True:  # drain what was in flight before the revocation
-        try:
-            ws.recv(0.2)
-        except TimeoutError:
-            break
     publish("after-revoke", {}, permission="auth.view_user")
-    assert_silent(ws)
+    assert_nothing_more(ws, alice)
     ws.close()
 
 
@@ -66,19 +49,13 @@ def test_group_permissions_follow_membership_and_group_changes(worker):
     perm = Permission.objects.get(content_type__app_label="auth", codename="change_group")
     staffers.permissions.add(perm)
     alice.groups.add(staffers)
-    wait_until_delivered(ws, alice, "via-group", "auth.change_group")
+    publish("via-group", {}, permission="auth.change_group")
     publish("to-group", {}, groups=["staffers"])
-    assert receive_events(ws, 1)[0]["event"] in ("via-group", "to-group")
+    assert [e["event"] for e in receive_events(ws, 2)] == ["via-group", "to-group"]
     staffers.delete()
-    time.sleep(1.0)
-    while True:
-        try:
-            ws.recv(0.2)
-        except TimeoutError:
-            break
     publish("after-delete", {}, permission="auth.change_group")
     publish("after-delete", {}, groups=["staffers"])
-    assert_silent(ws)
+    assert_nothing_more(ws, alice)
     ws.close()
 
 

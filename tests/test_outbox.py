@@ -15,7 +15,7 @@ from django.test import override_settings
 
 from realtime import publish
 from realtime.models import Event
-from tests.conftest import WAIT, database_url_for_tests, make_user
+from tests.helpers import WAIT, database_url_for_tests, make_user
 
 
 @contextlib.contextmanager

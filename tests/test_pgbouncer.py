@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tests.conftest import (
+from tests.helpers import (
     BASE_DIR,
     closed_code,
     database_url_for_tests,

@@ -14,17 +14,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from django.db import connections
+from django.db import connection, connections
 
 from realtime.core.audience import Identity
-from realtime.models import PresenceConnection, PresenceWorker
+from realtime.models import PresenceConnection, PresenceSubscription, PresenceWorker
 from realtime.presence import online_users
 from realtime.worker.presence import PresenceTracker, _ip_of, expire_workers
 from realtime.worker.registry import Client
-from tests.conftest import (
+from tests.helpers import (
     WAIT,
     WorkerProcess,
-    assert_silent,
+    assert_nothing_more,
     get_token,
     logged_in,
     make_user,
@@ -38,8 +38,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 # A heartbeat every 0.3 s: a killed worker's rows expire after 3 * 0.3 + 2 = 2.9 s.
 FAST = {"PRESENCE_INTERVAL": 0.3, "PRESENCE_TOPICS": ["room:*"]}
-# Longer than a few presence rounds: enough for an unwanted event to show up.
-QUIET = 1.5
 
 
 @contextmanager
@@ -63,6 +61,28 @@ def eventually(condition: Callable[[], bool], timeout: float = WAIT) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met in {timeout} s")
         time.sleep(0.05)
+
+
+def subscriptions(user: Any, topic: str) -> int:
+    """How many of ``user``'s connections, on any worker, the database holds as subscribed to ``topic``."""
+    return PresenceSubscription.objects.filter(user_id=user.pk, topic=topic).count()
+
+
+def next_round(process: WorkerProcess) -> None:
+    """Wait until a whole presence round of ``process`` has run after this call, and committed.
+
+    Rounds run one after another, each starting with a transaction that sets
+    ``heartbeat_at`` to its start time. The first heartbeat later than now
+    starts a round after this call; the next heartbeat shows that this round
+    is over, its expiry of dead workers included.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT now()")
+        (now,) = cursor.fetchone()
+    rounds = PresenceWorker.objects.filter(pid=process.process.pid)
+    eventually(lambda: rounds.filter(heartbeat_at__gt=now).exists())
+    started = rounds.get().heartbeat_at
+    eventually(lambda: rounds.filter(heartbeat_at__gt=started).exists())
 
 
 def online(topic: str | None = None) -> set[str]:
@@ -126,13 +146,18 @@ def test_join_and_leave_are_announced_once_across_workers():
         a1, _ = open_ws(second, get_token(logged_in(alice)), topics=["room:1"])
         a2, _ = open_ws(first, get_token(logged_in(alice)), topics=["room:1"])
         assert presence_events(watcher_ws, 1) == [("presence.join", "alice", "room:1")]
-        assert_silent(watcher_ws, QUIET)
+        # A join commits with the row it announces: once both rows are written, a second join would come first.
+        eventually(lambda: subscriptions(alice, "room:1") == 2)
+        assert_nothing_more(watcher_ws, watcher)
 
         a1.close()  # alice is still in room:1 through a2
-        assert_silent(watcher_ws, QUIET)
+        eventually(lambda: subscriptions(alice, "room:1") == 1)
+        assert_nothing_more(watcher_ws, watcher)
         a2.close()
         assert presence_events(watcher_ws, 1) == [("presence.leave", "alice", "room:1")]
-        assert_silent(watcher_ws, QUIET)
+        for process in (first, second):  # a later round announces nothing more
+            next_round(process)
+        assert_nothing_more(watcher_ws, watcher)
 
         # Subscribing and unsubscribing count as joining and leaving.
         a3, _ = open_ws(second, get_token(logged_in(alice)))
@@ -151,8 +176,9 @@ def test_topics_not_opted_in_have_no_presence_events():
         watcher_ws, _ = open_ws(worker, get_token(logged_in(watcher)), topics=["lobby"])
         assert receive(watcher_ws) == {"type": "subscribed", "topic": "lobby"}
         alice_ws, _ = open_ws(worker, get_token(logged_in(alice)), topics=["lobby"])
+        # A join would commit with alice's row, so before the sentinel.
         eventually(lambda: online("lobby") == {"watcher", "alice"})
-        assert_silent(watcher_ws, QUIET)
+        assert_nothing_more(watcher_ws, watcher)
         alice_ws.close()
         watcher_ws.close()
 
@@ -168,7 +194,8 @@ def test_dead_worker_announces_leave_through_the_survivor():
 
         second.stop(signal.SIGKILL)
         assert presence_events(watcher_ws, 1) == [("presence.leave", "alice", "room:1")]
-        assert_silent(watcher_ws, QUIET)
+        next_round(first)  # the survivor's next expiry announces nothing more
+        assert_nothing_more(watcher_ws, watcher)
         watcher_ws.close()
 
 

@@ -19,7 +19,7 @@ from django.test.utils import CaptureQueriesContext
 
 from realtime import outbox, publish, publish_many
 from realtime.models import Event
-from tests.conftest import get_token, logged_in, make_user, open_ws, receive_events
+from tests.helpers import get_token, logged_in, make_user, open_ws, receive_events
 
 NAN = "publish() data must contain finite numbers only, not NaN, Infinity or -Infinity (JSON has none)."
 NUL_DATA = (

@@ -10,7 +10,7 @@ import pytest
 from django.db import transaction
 
 from realtime import publish, publish_many
-from tests.conftest import ORIGIN, get_token, logged_in, make_user, open_ws, receive_events, start_worker
+from tests.helpers import ORIGIN, get_token, logged_in, make_user, open_ws, receive_events, start_worker
 from tests.rawws import raw_connect, send_text
 from tests.test_abuse import rss_kib
 

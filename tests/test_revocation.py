@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 
 from realtime import publish
 from realtime.models import Event
-from tests.conftest import WAIT, get_token, logged_in, make_user, open_ws, start_worker
+from tests.helpers import WAIT, get_token, logged_in, make_user, open_ws, start_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -154,7 +154,7 @@ def test_logout_during_a_login_closes_the_new_socket(transactional_db):
         def login() -> None:
             from websockets.sync.client import connect
 
-            from tests.conftest import ORIGIN
+            from tests.helpers import ORIGIN
 
             with connect(worker.url, origin=ORIGIN, open_timeout=WAIT) as ws:
                 ws.send(json.dumps({"type": "auth", "token": token, "last_id": None, "topics": ["slow"]}))
@@ -189,7 +189,7 @@ def test_a_replay_during_a_rights_change_uses_the_new_rights(transactional_db):
         def login() -> None:
             from websockets.sync.client import connect
 
-            from tests.conftest import ORIGIN
+            from tests.helpers import ORIGIN
 
             with connect(worker.url, origin=ORIGIN, open_timeout=WAIT) as ws:
                 auth = {"type": "auth", "token": token, "last_id": welcome["last_id"], "topics": ["slow"]}
@@ -213,7 +213,7 @@ def test_a_subscription_decided_across_a_revocation_is_decided_again(transaction
     """A permission revoked while the topic policy decides a subscription: the answer is a refusal."""
     from django.contrib.auth.models import Permission
 
-    from tests.conftest import receive
+    from tests.helpers import receive
 
     worker = start_worker(realtime={"TOPIC_POLICY": "tests.topic_policies.slow_permission"})
     try:

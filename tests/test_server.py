@@ -11,10 +11,10 @@ from websockets.sync.client import connect
 
 from realtime import publish
 from realtime.models import Event
-from tests.conftest import (
+from tests.helpers import (
     ORIGIN,
     WAIT,
-    assert_silent,
+    assert_nothing_more,
     closed_code,
     get_token,
     logged_in,
@@ -41,7 +41,7 @@ def test_welcome_then_committed_event_exactly_once(worker):
     assert event["topic"] is None
     assert event["id"] > welcome["last_id"]
     assert "T" in event["at"]
-    assert_silent(ws)
+    assert_nothing_more(ws, alice)
     ws.close()
 
 
@@ -55,7 +55,7 @@ def test_rolled_back_publish_delivers_nothing(worker):
     publish("real", {}, users=[alice])
     (event,) = receive_events(ws, 1)
     assert event["event"] == "real"
-    assert_silent(ws)
+    assert_nothing_more(ws, alice)
     assert not Event.objects.filter(name="ghost").exists()
     ws.close()
 
@@ -104,7 +104,7 @@ def test_out_of_order_commits_are_delivered_and_resumed(worker):
     (again,) = receive_events(resumed, 1)
     assert again["event"] == "A"
     assert again["id"] == second["id"]
-    assert_silent(resumed)
+    assert_nothing_more(resumed, alice)
     resumed.close()
 
 
@@ -125,7 +125,7 @@ def test_resume_delivers_exactly_what_was_missed(worker):
     publish("e", {"n": 6}, users=[alice])
     (live,) = receive_events(ws, 1)
     assert live["data"]["n"] == 6
-    assert_silent(ws)
+    assert_nothing_more(ws, alice)
     ws.close()
 
 
@@ -183,9 +183,10 @@ def test_audiences_reach_only_their_members(worker):
     carol = make_user("carol", perms=("auth.view_user",))
     root = make_user("root", staff=True, superuser=True)
     alice.groups.add(editors)
+    users = {u.username: u for u in (alice, bob, carol, root)}
     sockets = {
-        u.username: open_ws(worker, get_token(logged_in(u)), topics=["news"] if u is carol else None)[0]
-        for u in (alice, bob, carol, root)
+        name: open_ws(worker, get_token(logged_in(u)), topics=["news"] if u is carol else None)[0]
+        for name, u in users.items()
     }
     receive(sockets["carol"])  # subscribed ack
     publish("to-group", {}, groups=["editors"])
@@ -202,7 +203,7 @@ def test_audiences_reach_only_their_members(worker):
     for name, events in expected.items():
         got = [e["event"] for e in receive_events(sockets[name], len(events))]
         assert got == events, name
-        assert_silent(sockets[name], 0.3)
+        assert_nothing_more(sockets[name], users[name])
         sockets[name].close()
 
 
@@ -224,7 +225,7 @@ def test_subscribe_ping_and_errors(worker):
     ws.send(json.dumps({"type": "unsubscribe", "topic": "room:1"}))
     assert receive(ws) == {"type": "unsubscribed", "topic": "room:1"}
     publish("said", {"text": "again"}, topic="room:1")
-    assert_silent(ws)
+    assert_nothing_more(ws, alice)
     ws.close()
 
 

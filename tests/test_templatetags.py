@@ -7,7 +7,7 @@ from django.contrib.auth.models import AnonymousUser
 from django.template import Context, Template, TemplateSyntaxError
 from django.test import RequestFactory
 
-from tests.conftest import make_user
+from tests.helpers import make_user
 
 
 def render(user, source: str) -> str:

@@ -13,7 +13,7 @@ from websockets.sync.client import connect
 
 from realtime import tokens
 from realtime.models import Ticket
-from tests.conftest import ORIGIN, WAIT, get_token, logged_in, make_user
+from tests.helpers import ORIGIN, WAIT, get_token, logged_in, make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

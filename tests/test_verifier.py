@@ -19,7 +19,7 @@ from django.utils import timezone
 from realtime import tokens
 from realtime.models import Ticket
 from realtime.worker.verifier import Verifier, sql_path_unsupported
-from tests.conftest import get_token, logged_in, make_user
+from tests.helpers import get_token, logged_in, make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

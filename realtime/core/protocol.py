@@ -26,7 +26,6 @@ __all__ = [
     "CloseCode",
     "Ping",
     "ProtocolError",
-    "State",
     "Subscribe",
     "Unsubscribe",
     "encode_error",
@@ -54,15 +53,6 @@ class CloseCode(enum.IntEnum):
     TRY_AGAIN_LATER = 1013  # overloaded or too slow
     AUTH_FAILED = 4401  # authentication failed or revoked
     AUTH_TIMEOUT = 4408  # no authentication in time
-
-
-class State(enum.Enum):
-    """Life of a connection: AUTHENTICATING -> REPLAYING -> LIVE -> CLOSED."""
-
-    AUTHENTICATING = "authenticating"
-    REPLAYING = "replaying"
-    LIVE = "live"
-    CLOSED = "closed"
 
 
 class ProtocolError(Exception):

@@ -20,7 +20,7 @@ from realtime import retention, tokens
 from realtime.conf import settings
 from realtime.core import protocol
 from realtime.core.audience import AUDIENCE_SQL, audience_sql_params
-from realtime.core.protocol import MAX_TOPICS, CloseCode, State
+from realtime.core.protocol import MAX_TOPICS, CloseCode
 from realtime.core.ratelimit import KeyedThrottle, TokenBucket
 from realtime.outbox import read_events
 from realtime.worker.control import Control
@@ -29,7 +29,7 @@ from realtime.worker.fanout import Fanout
 from realtime.worker.handshake import client_ip, throttle_key
 from realtime.worker.listener import Listener
 from realtime.worker.metrics import Metrics
-from realtime.worker.registry import Client, Registry
+from realtime.worker.registry import Client, Registry, State
 from realtime.worker.subscriptions import allowed_topics
 from realtime.worker.verifier import Verifier
 

@@ -27,10 +27,10 @@ from websockets.asyncio.server import broadcast
 from realtime.conf import settings
 from realtime.core import protocol
 from realtime.core.audience import ControlEvent, Identity, OutboxEvent, matches
-from realtime.core.protocol import CloseCode, State
+from realtime.core.protocol import CloseCode
 from realtime.outbox import SESSION_ENDED, USER_CHANGED
 from realtime.worker.fanout import Fanout
-from realtime.worker.registry import Client, Registry
+from realtime.worker.registry import Client, Registry, State
 from realtime.worker.subscriptions import allowed_topics
 from realtime.worker.verifier import Verifier
 

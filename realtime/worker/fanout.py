@@ -20,9 +20,9 @@ from websockets.asyncio.server import broadcast
 
 from realtime.conf import settings
 from realtime.core.audience import ControlEvent, OutboxEvent
-from realtime.core.protocol import CloseCode, State
+from realtime.core.protocol import CloseCode
 from realtime.worker.metrics import Metrics
-from realtime.worker.registry import Client, Registry
+from realtime.worker.registry import Client, Registry, State
 
 if TYPE_CHECKING:
     from realtime.worker.control import Control

@@ -11,17 +11,29 @@ It implements the audience rule of :mod:`realtime.core.audience` as an index:
 
 from __future__ import annotations
 
+import enum
 import time
 from collections import defaultdict, deque
 from collections.abc import Collection, Iterable
 from typing import Any, Protocol
 
 from realtime.core.audience import Audience, Identity
-from realtime.core.protocol import State
 
-__all__ = ["Client", "Observer", "Registry"]
+__all__ = ["Client", "Observer", "Registry", "State"]
 
 NO_TOPICS: frozenset[str] = frozenset()
+
+
+class State(enum.Enum):
+    """Life of an authenticated connection: REPLAYING -> LIVE -> CLOSED.
+
+    REPLAYING: live events queue in ``Client.pending`` until the replay is sent.
+    CLOSED: out of routing for good (logged out, too slow, gone).
+    """
+
+    REPLAYING = "replaying"
+    LIVE = "live"
+    CLOSED = "closed"
 
 
 class Client:
@@ -125,8 +137,8 @@ class Registry:
         self._index(client, add=True)
 
     def subscribe(self, client: Client, topic: str) -> None:
-        """Subscribe a registered ``client`` to ``topic``."""
-        if client not in self.clients:
+        """Subscribe a registered ``client`` to ``topic`` (nothing if it holds it already)."""
+        if client not in self.clients or topic in client.topics:
             return
         client.topics = client.topics | {topic}
         self._by_topic[topic].add(client)
@@ -134,8 +146,8 @@ class Registry:
             self.observer.subscribed(client, topic)
 
     def unsubscribe(self, client: Client, topic: str) -> None:
-        """Unsubscribe ``client`` from ``topic`` (nothing if it was not subscribed)."""
-        if topic not in client.topics:
+        """Unsubscribe a registered ``client`` from ``topic`` (nothing if it was not subscribed)."""
+        if client not in self.clients or topic not in client.topics:
             return
         client.topics = client.topics - {topic}
         _discard(self._by_topic, topic, client)
