@@ -45,7 +45,7 @@ pg-stop: $(STAMP)
 clean:
 	rm -rf $(VENV) .nox .pytest_cache .ruff_cache
 
-# make bench       : this project against Django Channels on this machine (about 16 minutes);
+# make bench       : this project against a floor and Django Channels on this machine (about 18 minutes);
 #                    writes bench/results/results.md and plot.png and prints the table.
 # make bench-smoke : the benchmark harness at tiny sizes against this project only (seconds).
 BENCH_STAMP := $(VENV)/.bench-installed

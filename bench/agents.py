@@ -8,16 +8,23 @@
   the time recorded is taken right before the call (so the commit itself, if
   any, is not counted for Channels). Channels has no batch API: "batched"
   means ``batch`` concurrent ``group_send()`` calls (``asyncio.gather``).
+- ``floor``: ``SELECT pg_notify(channel, payload)`` in autocommit on a plain
+  psycopg connection, the payload ``{"u": <user id or null>, "m": <frame>}``
+  (see :mod:`bench.floor`); the time recorded is taken right after the
+  statement returned (its implicit commit queued the NOTIFY), as ``ours`` is
+  timed from COMMIT. Only ``fanout`` and ``latency``: the floor has no (d).
 
 Every event carries ``{"k": <int>}`` in its data; the load client counts
 events by ``k``. Each agent is a process of its own (``spawn``), configured
 with a Django settings module, controlled by the coordinator over a pipe, and
-exits when the pipe closes. Nothing at module level imports Django.
+exits when the pipe closes. Nothing at module level imports Django (the
+floor's agents never set it up).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -137,7 +144,7 @@ class OursPublisher:
 
 
 def _frame(k: int) -> str:
-    """The event frame a Channels consumer forwards: the same shape as this project's."""
+    """The event frame the Channels and floor publishers send (encoded once): the same shape as this project's."""
     at = datetime.now(UTC).isoformat()
     return f'{{"type":"event","id":{k},"event":"bench","topic":null,"data":{{"k":{k}}},"at":"{at}"}}'
 
@@ -207,6 +214,41 @@ class ChannelsPublisher:
         return self.loop.run_until_complete(run())
 
 
+class FloorPublisher:
+    """Publishes to the floor: one ``SELECT pg_notify()`` per event, in autocommit (no Django).
+
+    Args:
+        database_url: libpq connection string of the database the floor LISTENs on.
+        channel: the floor's NOTIFY channel.
+    """
+
+    def __init__(self, database_url: str, channel: str) -> None:
+        import psycopg
+
+        self.connection = psycopg.connect(database_url, autocommit=True)
+        self.channel = channel
+
+    def _notify(self, user: int | None, k: int) -> None:
+        payload = json.dumps({"u": user, "m": _frame(k)}, separators=(",", ":"))
+        self.connection.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
+
+    def fanout(self, k: int) -> float:
+        self._notify(None, k)
+        return time.time()
+
+    def latency(self, rate: float, seconds: float, users: Sequence[int], k_base: int, start_at: float) -> list[float]:
+        """Like :meth:`OursPublisher.latency`; each time is taken when ``pg_notify`` returned."""
+        count = int(rate * seconds)
+        times: list[float] = []
+        _sleep_until(start_at)
+        pacer = _Pacer(rate, time.time())
+        for i in range(count):
+            pacer.wait(i)
+            self._notify(_user_of(users, i), k_base + i)
+            times.append(time.time())
+        return times
+
+
 def _agent_main(pipe: Any, kind: str, settings_module: str, database_url: str, env: dict[str, str]) -> None:
     """Entry point of a publisher process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -214,10 +256,14 @@ def _agent_main(pipe: Any, kind: str, settings_module: str, database_url: str, e
     os.environ["DJANGO_SETTINGS_MODULE"] = settings_module
     os.environ["DATABASE_URL"] = database_url
     try:
-        import django
+        publisher: Any
+        if kind == "floor":
+            publisher = FloorPublisher(database_url, env["BENCH_FLOOR_CHANNEL"])
+        else:
+            import django
 
-        django.setup()
-        publisher: Any = OursPublisher() if kind == "ours" else ChannelsPublisher()
+            django.setup()
+            publisher = OursPublisher() if kind == "ours" else ChannelsPublisher()
     except Exception:
         pipe.send(("error", traceback.format_exc()))
         return
@@ -236,14 +282,15 @@ def _agent_main(pipe: Any, kind: str, settings_module: str, database_url: str, e
 
 
 class AgentPool:
-    """``count`` publisher processes of one kind ("ours" or "channels"); a context manager.
+    """``count`` publisher processes of one kind ("ours", "channels" or "floor"); a context manager.
 
     Args:
-        kind: "ours" or "channels".
+        kind: "ours", "channels" or "floor".
         count: how many processes.
         settings_module: their DJANGO_SETTINGS_MODULE.
         database_url: their DATABASE_URL.
-        env: more environment variables for them (e.g. which channel layer).
+        env: more environment variables for them (e.g. which channel layer; the floor's
+            ``BENCH_FLOOR_CHANNEL``).
     """
 
     def __init__(

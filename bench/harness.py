@@ -1,7 +1,9 @@
 """The benchmark: the same workloads, the same load client, for each system under test.
 
-Systems: ``ours`` (this project: ``runwebsockets``, events through the outbox)
-and, when installed, Django Channels served by daphne with ``channels_redis``
+Systems: ``ours`` (this project: ``runwebsockets``, events through the outbox);
+``floor`` (:mod:`bench.floor`, issue 14: websockets + LISTEN, no auth, no outbox,
+no reads: what the report divides this project's numbers by); and, when
+installed, Django Channels served by daphne with ``channels_redis``
 (``channels-redis``, a local redis-server) or ``channels_postgres``
 (``channels-postgres``, the same PostgreSQL). Workloads (issue 6):
 
@@ -18,6 +20,21 @@ e. new authenticated connections per second, over the first ``idle`` connections
 f. the most connections two server processes hold (up to ``capacity``,
    connecting for at most ``capacity_budget`` seconds), and one event to all.
 
+And, for ``extra_latency_systems`` (this project and the floor; issue 14),
+each on a fresh server process of its own:
+
+c'. commit → receipt with ``tabs_users`` users x ``tabs_per_user`` tabs
+   (one connection each) at ``tabs_rate`` single-user events/s: every event
+   reaches every tab of its user; p50 / p99 / max over every receipt;
+c''. commit → receipt on one connection, one event every ``solo_interval``
+   seconds, nothing else connected.
+
+(c') and (c'') last ``latency_seconds``. The floor runs (a), (b), (c), (e), (c')
+and (c''): it has no publish API to rate (d), and (f) is for the real servers.
+For the floor, (e) is plain connections per second (connect, a first message
+naming a user id, the server's ack): its "authentication"; (b), (c) are timed
+from the return of the publisher's autocommit ``pg_notify`` statement.
+
 Everything is bounded in count and time, starts on loopback, and is stopped
 in ``finally`` blocks (servers, clients, publishers, redis), also on Ctrl-C.
 """
@@ -30,12 +47,14 @@ import json
 import math
 import os
 import platform
+import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,15 +63,16 @@ from typing import Any
 from bench import dbsetup
 from bench.agents import AgentPool
 from bench.loadclient import ConnectResult, ConnSpec, LoadClient, raise_nofile_limit, source_address
-from bench.servers import Server, redis_available, start_daphne, start_ours, start_redis
+from bench.servers import Server, redis_available, start_daphne, start_floor, start_ours, start_redis
 
 __all__ = ["FULL", "SMOKE", "SYSTEMS", "Sizes", "run"]
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 RESULTS_DIR = BASE_DIR / "bench" / "results"
-SYSTEMS = ("ours", "channels-redis", "channels-postgres")
+SYSTEMS = ("ours", "floor", "channels-redis", "channels-postgres")
 LABELS = {
     "ours": "This project",
+    "floor": "Floor",
     "channels-redis": "Channels + Redis",
     "channels-postgres": "Channels + Postgres",
 }
@@ -78,6 +98,12 @@ class Sizes:
     capacity_workers: int = 2
     capacity_budget: float = 270.0
     capacity_systems: tuple[str, ...] = ("ours", "channels-redis")
+    # (c'): users x tabs connections, single-user events at this rate; (c''): one connection.
+    tabs_users: int = 100
+    tabs_per_user: int = 10
+    tabs_rate: float = 250.0
+    solo_interval: float = 0.01
+    extra_latency_systems: tuple[str, ...] = ("ours", "floor")
     users: int = 5_000
     client_processes: int = 4
     concurrency: int = 50
@@ -103,6 +129,9 @@ SMOKE = Sizes(
     batch_size=10,
     capacity=40,
     capacity_budget=30.0,
+    tabs_users=4,
+    tabs_per_user=3,
+    tabs_rate=50.0,
     users=40,
     client_processes=2,
     concurrency=10,
@@ -173,7 +202,7 @@ class System:
     """How to start one system and how its clients authenticate."""
 
     key: str
-    kind: str  # "ours" or "channels" (publisher agents)
+    kind: str  # "ours", "channels" or "floor": the server, the clients' first message, the publisher agents
     settings_module: str
     env: dict[str, str] = field(default_factory=dict)
 
@@ -208,6 +237,10 @@ class Bench:
             return [
                 start_ours(self.database_url, self.log_dir, workers=workers, settings_module=system.settings_module)
             ]
+        if system.kind == "floor":
+            if workers != 1:
+                raise ValueError("the floor runs as one process")
+            return [start_floor(self.database_url, self.log_dir, system.env["BENCH_FLOOR_CHANNEL"])]
         servers: list[Server] = []
         try:
             for _ in range(workers):
@@ -231,6 +264,11 @@ class Bench:
                     json.dumps({"type": "auth", "token": token, "last_id": None}),
                 )
                 for i, token in enumerate(tokens)
+            ]
+        if system.kind == "floor":  # no authentication: the first message names the user
+            return [
+                (ports[i % len(ports)], source_address(i), "", json.dumps({"user": owner.id}))
+                for i, owner in enumerate(owners)
             ]
         return [
             (ports[i % len(ports)], source_address(i), f"Cookie: sessionid={owner.session_key}", None)
@@ -323,58 +361,78 @@ class Bench:
             "complete": complete,
         }
 
-    def latency(self, agents: AgentPool, client: LoadClient, user_ids: list[int]) -> dict[str, Any]:
-        """(c): paced events, one user each; latency = receipt time - commit time."""
-        sizes = self.sizes
-        count = int(sizes.latency_rate * sizes.latency_seconds)
+    def latency(
+        self,
+        agents: AgentPool,
+        client: LoadClient,
+        user_ids: list[int],
+        *,
+        rate: float,
+        seconds: float,
+        sockets: Mapping[int, int] | None = None,
+        what: str = "(c) latency",
+    ) -> dict[str, Any]:
+        """(c), (c'), (c''): ``rate * seconds`` paced events, event ``i`` to ``user_ids[i % len(user_ids)]``.
+
+        Latency = receipt time - commit time (the publisher's clock after
+        COMMIT, ``pg_notify`` or before ``group_send``), one sample per socket
+        that received the event: ``sockets`` maps a user id to how many of its
+        connections are open (default one each), and every one of them should
+        get each of its events once. ``received``, ``lost`` and ``duplicates``
+        count receipts (one per event with one socket per user); a receipt
+        past a user's socket count is a duplicate (a duplicate on one tab and
+        a loss on another of the same event would cancel out). ``p99_last_ms``
+        is per event, until the last of its user's sockets had it.
+        """
+        count = int(rate * seconds)
         k_base = self.k_block(count)
         client.set_mode("latency")
         before = client.poll()
-        agents.send(
-            0,
-            "latency",
-            rate=sizes.latency_rate,
-            seconds=sizes.latency_seconds,
-            users=user_ids,
-            k_base=k_base,
-            start_at=time.time() + 0.3,
-        )
+        agents.send(0, "latency", rate=rate, seconds=seconds, users=user_ids, k_base=k_base, start_at=time.time() + 0.3)
 
         def tick() -> None:
             received = sum(p["received"] for p in client.poll())
-            self.progress.update(f"(c) latency: {received:,}/{count:,} events received")
+            self.progress.update(f"{what}: {received:,} receipts of {count:,} events")
 
-        commit_times: list[float] = agents.wait_all([0], timeout=sizes.latency_seconds * 5 + 60, tick=tick)[0]
-        self._drain(client, len(commit_times), "(c) latency")
+        commit_times: list[float] = agents.wait_all([0], timeout=seconds * 5 + 60, tick=tick)[0]
+        published = len(commit_times)
+        wanted = [sockets.get(user_ids[i % len(user_ids)], 1) if sockets else 1 for i in range(published)]
+        expected = sum(wanted)
+        self._drain(client, expected, what)
         stats = client.stats()
-        seen: set[int] = set()
+        got = [0] * published
+        last = [0.0] * published
         latencies, duplicates = [], 0
         for answer in stats:
             for k, t in answer["pairs"]:
                 index = k - k_base
-                if not 0 <= index < len(commit_times):
+                if not 0 <= index < published:
                     continue
-                if index in seen:
+                if got[index] >= wanted[index]:
                     duplicates += 1
                     continue
-                seen.add(index)
+                got[index] += 1
+                last[index] = max(last[index], t)
                 latencies.append((t - commit_times[index]) * 1000)
         latencies.sort()
-        span = commit_times[-1] - commit_times[0] if len(commit_times) > 1 else 0.0
+        complete = sorted((last[i] - commit_times[i]) * 1000 for i in range(published) if got[i] == wanted[i])
+        span = commit_times[-1] - commit_times[0] if published > 1 else 0.0
         result = {
-            "published": len(commit_times),
-            "received": len(seen),
+            "published": published,
+            "expected": expected,
+            "received": len(latencies),
             "duplicates": duplicates,
-            "lost": len(commit_times) - len(seen),
-            "rate": (len(commit_times) - 1) / span if span > 0 else math.nan,
+            "lost": expected - len(latencies),
+            "rate": (published - 1) / span if span > 0 else math.nan,
             "p50_ms": _percentile(latencies, 0.50),
             "p99_ms": _percentile(latencies, 0.99),
             "max_ms": latencies[-1] if latencies else math.nan,
+            "p99_last_ms": _percentile(complete, 0.99),
             "client_busy": _busy(before, client.poll()),
         }
         self.progress.step(
-            f"  (c) latency at {result['rate']:,.0f}/s: p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
-            f"max {result['max_ms']:.1f} ms; {result['received']:,}/{result['published']:,} received"
+            f"  {what} at {result['rate']:,.0f}/s: p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
+            f"max {result['max_ms']:.1f} ms; {result['received']:,}/{expected:,} receipts of {published:,} events"
         )
         return result
 
@@ -519,11 +577,11 @@ class Bench:
     # Phases.
 
     def main_phase(self, system: System) -> dict[str, Any]:
-        """Workloads (a), (b), (e) against one server process, then (c), (d) against a fresh one."""
+        """Workloads (a), (b), (e) against one server process, then (c), (d) against a fresh one (the floor: no (d))."""
         sizes = self.sizes
         out: dict[str, Any] = {"notes": []}
         servers = self.start(system, workers=1)
-        agent_count = max(sizes.single_publishers, sizes.batch_publishers)
+        agent_count = 1 if system.kind == "floor" else max(sizes.single_publishers, sizes.batch_publishers)
         try:
             with (
                 LoadClient(sizes.client_processes) as client,
@@ -589,18 +647,24 @@ class Bench:
                 servers = self.start(system, workers=1)
                 time.sleep(sizes.settle / 3)
                 owners = self.users[: sizes.latency_users]
-                joined = self.connect(system, servers, client, owners, "(c)(d) one connection per user")
+                what = "(c) one connection per user" if system.kind == "floor" else "(c)(d) one connection per user"
+                joined = self.connect(system, servers, client, owners, what)
                 missing = set(joined.failed)
                 # Events go only to users who are connected: a failed login is counted in the notes, not as loss.
                 user_ids = [owner.id for i, owner in enumerate(owners) if i not in missing]
                 out["latency_users"] = len(user_ids)
                 time.sleep(sizes.settle / 3)
-                out["latency"] = self.latency(agents, client, user_ids)
+                out["latency"] = self.latency(
+                    agents, client, user_ids, rate=sizes.latency_rate, seconds=sizes.latency_seconds
+                )
                 self._clear_events()
-                for mode, publishers, batch in (
-                    ("single", sizes.single_publishers, 1),
-                    ("batched", sizes.batch_publishers, sizes.batch_size),
-                ):
+                # (d) rates each system's own publishing path: the floor has none.
+                modes: tuple[tuple[str, int, int], ...] = (
+                    ()
+                    if system.kind == "floor"
+                    else (("single", sizes.single_publishers, 1), ("batched", sizes.batch_publishers, sizes.batch_size))
+                )
+                for mode, publishers, batch in modes:
 
                     def trial(
                         seconds: float, rate: float | None, mode: str = mode, p: int = publishers, b: int = batch
@@ -625,6 +689,68 @@ class Bench:
             for server in servers:
                 server.stop()
         return out
+
+    def extra_latency_phase(self, system: System) -> dict[str, Any]:
+        """(c') then (c''), each on a fresh server process with only its own connections; return both results.
+
+        (c'): ``tabs_users`` users x ``tabs_per_user`` connections, ``tabs_rate``
+        single-user events/s for ``latency_seconds``; (c''): one connection, one
+        event every ``solo_interval`` s for ``latency_seconds``. One publisher.
+        """
+        sizes = self.sizes
+        out: dict[str, Any] = {}
+        with (
+            LoadClient(sizes.client_processes) as client,
+            AgentPool(system.kind, 1, system.settings_module, self.database_url, system.env) as agents,
+        ):
+            tabs = self.users[: sizes.tabs_users] * sizes.tabs_per_user
+            out["latency_tabs"] = self._fresh_latency(
+                system,
+                agents,
+                client,
+                tabs,
+                sizes.tabs_rate,
+                f"(c') {sizes.tabs_users:,} users x {sizes.tabs_per_user}",
+            )
+            out["latency_solo"] = self._fresh_latency(
+                system, agents, client, self.users[:1], 1 / sizes.solo_interval, "(c'') one connection"
+            )
+        return out
+
+    def _fresh_latency(
+        self,
+        system: System,
+        agents: AgentPool,
+        client: LoadClient,
+        owners: list[dbsetup.BenchUser],
+        rate: float,
+        what: str,
+    ) -> dict[str, Any]:
+        """Start a server, open one connection per item of ``owners``, run :meth:`latency` at ``rate``, stop it all."""
+        sizes = self.sizes
+        self._clear_events(system)
+        servers = self.start(system, workers=1)
+        try:
+            time.sleep(sizes.settle / 3)
+            joined = self.connect(system, servers, client, owners, f"{what}: connections")
+            failed = set(joined.failed)
+            # Events go only to users with a connection; each should reach all of that user's open ones.
+            sockets = Counter(owner.id for i, owner in enumerate(owners) if i not in failed)
+            user_ids = [user_id for user_id in dict.fromkeys(owner.id for owner in owners) if sockets[user_id]]
+            if not user_ids:
+                raise RuntimeError(f"{what}: no connection authenticated ({dict(joined.failures)})")
+            time.sleep(sizes.settle / 3)
+            result = self.latency(
+                agents, client, user_ids, rate=rate, seconds=sizes.latency_seconds, sockets=sockets, what=what
+            )
+            result.update(connections=joined.ok, users=len(user_ids), connect_failures=dict(joined.failures))
+            self.close_all(client, servers)
+            return result
+        finally:
+            client.close_all()
+            for server in servers:
+                server.stop()
+            self._clear_events()
 
     def capacity_phase(self, system: System, workers: int | None = None) -> dict[str, Any]:
         """(f): connect up to ``capacity`` across ``workers`` (two) server processes, then one event to all of them."""
@@ -866,7 +992,8 @@ def run(
                 if key in results["skipped"]:
                     continue
                 system = _system(key, redis)
-                progress.step(f"== {system.label}: (a)-(e) on one server process")
+                workloads = "(a), (b), (c), (e)" if system.kind == "floor" else "(a)-(e)"
+                progress.step(f"== {system.label}: {workloads} on one server process")
                 entry: dict[str, Any] = {"label": system.label}
                 results["systems"][key] = entry
                 try:
@@ -874,7 +1001,17 @@ def run(
                 except Exception as exc:
                     entry["error"] = f"{type(exc).__name__}: {exc}"
                     progress.step(f"  ERROR: {entry['error']}")
+                    _forget_connection()
                 dbsetup.clear_run_data()
+                if key in sizes.extra_latency_systems:
+                    progress.step(f"== {system.label}: (c') and (c''), each on a fresh server process")
+                    try:
+                        entry.update(bench.extra_latency_phase(system))
+                    except Exception as exc:
+                        entry["extra_latency_error"] = f"{type(exc).__name__}: {exc}"
+                        progress.step(f"  ERROR: {entry['extra_latency_error']}")
+                        _forget_connection()
+                    dbsetup.clear_run_data()
                 if key in sizes.capacity_systems:
                     progress.step(f"== {system.label}: (f) on {sizes.capacity_workers} server processes")
                     try:
@@ -887,7 +1024,13 @@ def run(
                     except Exception as exc:
                         entry["capacity_error"] = f"{type(exc).__name__}: {exc}"
                         progress.step(f"  ERROR: {entry['capacity_error']}")
+                        _forget_connection()
                     dbsetup.clear_run_data()
+                elif system.kind == "floor":
+                    entry["capacity_skipped"] = (
+                        "(d) and (f) are not run for the floor: it has no publish API to rate, "
+                        "and (f) is for the real servers"
+                    )
                 else:
                     entry["capacity_skipped"] = "not run for this layer, to keep make bench under 20 minutes"
     finally:
@@ -897,8 +1040,20 @@ def run(
     report.write(results, out_dir, plot=plot)
     if show_progress:
         print(report.table(results))
+        print("\n" + report.legend(results))
         print(f"\nResults: {out_dir / 'results.md'}  ({results['duration_s'] / 60:.1f} min); server logs: {log_dir}")
     return results
+
+
+def _forget_connection() -> None:
+    """Close this process's Django connection after a failed workload: the next query opens a new one.
+
+    The failure may have been PostgreSQL dropping it (a restart, a test terminating backends).
+    """
+    from django.db import connection
+
+    with contextlib.suppress(Exception):
+        connection.close()
 
 
 def _channels_installed() -> bool:
@@ -910,6 +1065,9 @@ def _channels_installed() -> bool:
 def _system(key: str, redis: Server | None) -> System:
     if key == "ours":
         return System(key, "ours", "bench.settings")
+    if key == "floor":
+        # A channel of this run's own: other runs and tests may share the PostgreSQL server.
+        return System(key, "floor", "", {"BENCH_FLOOR_CHANNEL": f"bench_floor_{secrets.token_hex(4)}"})
     if key == "channels-redis":
         assert redis is not None
         return System(

@@ -1,8 +1,15 @@
-"""Turn benchmark results into a Markdown table (with ratios to Channels), results.md and plot.png.
+"""Turn benchmark results into a Markdown table (ratios to the floor and to Channels), results.md and plot.png.
 
-``table()`` is what ``make bench`` prints; ``write()`` writes ``results.json``,
-``results.md`` (the machine, the table, the method and the notes) and, when
-``plot`` is true, ``plot.png`` (matplotlib is imported only there).
+``table()`` and ``legend()`` are what ``make bench`` prints; ``write()`` writes
+``results.json``, ``results.md`` (the machine, the table, the method and the
+notes) and, when ``plot`` is true, ``plot.png`` (matplotlib is imported only there).
+
+Two kinds of ratio, both of this project's value on a row:
+
+- to the floor ("cost vs floor"): this project's time or memory ÷ the
+  floor's, or the floor's rate or count ÷ this project's: how many times the
+  floor's cost this project pays. 1.0x is as cheap as the floor; lower is better;
+- to each Channels system: how many times better (or worse) this project is.
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Row", "rows", "table", "write"]
+__all__ = ["Row", "legend", "rows", "table", "write"]
 
 OURS = "ours"
+FLOOR = "floor"
 CHANNELS = ("channels-redis", "channels-postgres")
 
 
@@ -65,10 +73,44 @@ def _fanout(size: int) -> Callable[[dict[str, Any]], float | None]:
     return value
 
 
-def _latency_losses(system: dict[str, Any]) -> str:
+def _latency_losses(system: dict[str, Any], key: str = "latency") -> str:
     """ " (5 lost)" when some of the latency events never arrived: the percentiles are of those that did."""
-    lost = _get(system, "latency", "lost")
+    lost = _get(system, key, "lost")
     return f" ({lost:,} lost)" if lost else ""
+
+
+def _latency_rows(sizes: dict[str, Any]) -> list[Row]:
+    """Rows of (c') (users with several tabs) and (c'') (one connection), when the run had them."""
+    if "tabs_users" not in sizes:
+        return []  # results of a run before issue 14
+    users, tabs, rate = sizes["tabs_users"], sizes["tabs_per_user"], sizes["tabs_rate"]
+    solo = f"{sizes['solo_interval'] * 1000:g} ms"
+    result = []
+    for key, name, label in (
+        (
+            "latency_tabs",
+            "c'",
+            f"{rate:,.0f} events/s to {users:,} users with {tabs} tabs each ({users * tabs:,} sockets)",
+        ),
+        ("latency_solo", "c''", f"one connection, one event every {solo}, nothing else running"),
+    ):
+        stats = [("p50", "p50_ms", f", {label}"), ("p99", "p99_ms", ""), ("max", "max_ms", "")]
+        if key == "latency_tabs":
+            stats.append(("p99 until the last tab", "p99_last_ms", ""))
+        for stat, field, rest in stats:
+            result.append(
+                Row(
+                    f"{name}{stat.split()[0]}{'/last' if 'last' in stat else ''}",
+                    f"({name}) Commit → receipt {stat}{rest}",
+                    "ms",
+                    True,
+                    "",
+                    lambda s, key=key, field=field: _number(_get(s, key, field)),
+                    optional=True,
+                    remark=lambda s, key=key: _latency_losses(s, key),
+                )
+            )
+    return result
 
 
 def _capacity_fanout(system: dict[str, Any], key: str = "capacity") -> float | None:
@@ -136,6 +178,7 @@ def rows(sizes: dict[str, Any]) -> list[Row]:
             lambda s: _number(_get(s, "latency", "max_ms")),
             remark=_latency_losses,
         ),
+        *_latency_rows(sizes),
         Row(
             "d1",
             f"(d) Publish rate sustained {sizes['rate_seconds']:.0f} s with no loss, single events",
@@ -227,12 +270,29 @@ def _ratio_text(ratio: float | None) -> str:
     return f"{ratio:,.1f}x better" if ratio >= 1 else f"{1 / ratio:,.1f}x worse"
 
 
+def floor_ratio(row: Row, ours: float | None, floor: float | None) -> float | None:
+    """This project's cost in floors: ours ÷ floor for times and memory, floor ÷ ours for rates and counts.
+
+    1.0 is as cheap as the floor; higher is further from it (lower is better).
+    None when either value is missing or not positive.
+    """
+    if ours is None or floor is None or ours <= 0 or floor <= 0:
+        return None
+    return ours / floor if row.lower_is_better else floor / ours
+
+
+def _floor_text(ratio: float | None) -> str:
+    if ratio is None:
+        return "—"
+    return f"{ratio:,.2f}x" if ratio < 10 else f"{ratio:,.0f}x"
+
+
 def met(row: Row, results: dict[str, Any]) -> str:
     """Whether this project's value meets the row's target: "yes", "no" or "" (no target / no value)."""
     systems = results["systems"]
-    ours = row.value(systems[OURS]) if OURS in systems else None
-    if row.check is None and row.min_ratio is None:
+    if OURS not in systems or (row.check is None and row.min_ratio is None):
         return ""
+    ours = row.value(systems[OURS])
     if ours is None:
         return "no"
     ok = row.check(ours) if row.check is not None else True
@@ -244,25 +304,59 @@ def met(row: Row, results: dict[str, Any]) -> str:
 
 
 def table(results: dict[str, Any]) -> str:
-    """The Markdown table: one row per metric, one column per system, the ratio to each Channels system."""
+    """The Markdown table: one row per metric, one column per system.
+
+    After this project's value: the floor's and this project's cost vs the
+    floor (see :func:`floor_ratio`), when the floor ran; then each Channels
+    system's value and how many times better this project is.
+    """
     systems = results["systems"]
     present = [key for key in CHANNELS if key in systems]
+    floor = systems.get(FLOOR)
     header = ["Workload", "Target", "This project"]
+    if floor is not None:
+        header += [floor["label"], "cost vs floor"]
     for key in present:
         header += [systems[key]["label"], "ratio"]
     header.append("Target met")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for row in rows(results["sizes"]):
         ours = row.value(systems[OURS]) if OURS in systems else None
-        if row.optional and ours is None and all(row.value(systems[key]) is None for key in present):
+        others = [key for key in (FLOOR, *present) if key in systems]
+        if row.optional and ours is None and all(row.value(systems[key]) is None for key in others):
             continue
         cells = [row.label, row.target, _format(ours, row.unit) + _remark(row, systems.get(OURS))]
+        if floor is not None:
+            value = row.value(floor)
+            cells += [_format(value, row.unit) + _remark(row, floor), _floor_text(floor_ratio(row, ours, value))]
         for key in present:
             other = row.value(systems[key])
             cells += [_format(other, row.unit) + _remark(row, systems[key]), _ratio_text(_ratio(row, ours, other))]
         cells.append(met(row, results))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def legend(results: dict[str, Any]) -> str:
+    """How to read the table's ratio columns (the systems that ran decide which sentences apply)."""
+    systems = results["systems"]
+    parts = []
+    if FLOOR in systems:
+        parts.append(
+            "Cost vs floor: this project's time or memory ÷ the floor's, or the floor's rate or count ÷ this "
+            "project's, i.e. how many times the floor's cost this project pays: 1.00x is as cheap as the floor, "
+            "lower is better (below 1.00x: better than the floor). The floor (bench/floor.py) is one asyncio "
+            "process, websockets + one LISTEN: no authentication (its (e) is plain connections: connect, a first "
+            "message naming a user id, an ack), no outbox, no reads; its (b), (c) are timed from the return of "
+            "an autocommit `SELECT pg_notify()`."
+        )
+    if any(key in systems for key in CHANNELS):
+        parts.append(
+            "Ratio (Channels columns): how many times better this project is than that Channels setup "
+            "(lower times and memory, higher rates and counts are better)."
+        )
+    parts.append("— means not measured or not reached (see the notes).")
+    return "\n\n".join(parts)
 
 
 def _remark(row: Row, system: dict[str, Any] | None) -> str:
@@ -285,7 +379,7 @@ def _notes(results: dict[str, Any]) -> list[str]:
         notes.append(f"{key}: skipped: {why}.")
     for system in results["systems"].values():
         label = system["label"]
-        for field in ("error", "capacity_error", "capacity_skipped"):
+        for field in ("error", "extra_latency_error", "capacity_error", "capacity_skipped"):
             if system.get(field):
                 notes.append(f"{label}: {field.replace('_', ' ')}: {system[field]}.")
         connect = system.get("connect")
@@ -312,6 +406,19 @@ def _notes(results: dict[str, Any]) -> list[str]:
                 f"{label}: (c) {latency['published']:,} events at {latency['rate']:,.0f}/s, "
                 f"{latency['received']:,} received, {latency['lost']:,} lost, {latency['duplicates']:,} duplicates; "
                 f"busiest load-client process at {latency['client_busy']:.0%}."
+            )
+        for key, name in (("latency_tabs", "(c')"), ("latency_solo", "(c'')")):
+            entry = system.get(key)
+            if not entry:
+                continue
+            failures = ", ".join(f"{n:,} {r}" for r, n in entry.get("connect_failures", {}).items()) or "none"
+            last = _number(entry.get("p99_last_ms")) if key == "latency_tabs" else None
+            until_last = f"; p99 until the user's last tab had it {last:,.2f} ms" if last else ""
+            notes.append(
+                f"{label}: {name} {entry['connections']:,} connection(s) of {entry['users']:,} user(s) (failures: "
+                f"{failures}); {entry['published']:,} events at {entry['rate']:,.0f}/s, {entry['received']:,}/"
+                f"{entry['expected']:,} receipts, {entry['lost']:,} lost, {entry['duplicates']:,} duplicates"
+                f"{until_last}; busiest load-client process at {entry['client_busy']:.0%}."
             )
         for mode in ("single", "batched"):
             entry = system.get(f"rate_{mode}")
@@ -342,14 +449,20 @@ METHOD = """\
 How it is measured (see bench/harness.py): every server runs on this machine, on loopback, against the same
 PostgreSQL (a database of its own, `realtime_bench`). One load client for all: 4+ processes of asyncio
 connections written directly on `asyncio.Protocol` (a browser-like handshake with `Origin` and an offer of
-permessage-deflate; our clients send the token message, Channels clients the session cookie), bound to
-127.0.0.1, 127.0.0.2, ... (20,000 connections per source address). Times are wall-clock (`time.time()`)
-across processes of one machine. Commit → receipt: for this project, from the moment the publisher's COMMIT
-returned; for Channels, from the moment `group_send()` was called (as from `transaction.on_commit()`), so the
-commit itself is not counted for Channels. Publish rates: this project writes every event to the outbox in a
-transaction (`publish()` in `atomic()`, or `publish_many()`); Channels' publishers only call `group_send()`
-(no database write; "batched" = concurrent sends). Each server's open-files limit is raised the same way.
-All processes share the 2 cores: the servers, PostgreSQL, Redis, the publishers and the load client."""
+permessage-deflate; our clients send the token message, Channels clients the session cookie, the floor's
+clients a first message naming their user id), bound to 127.0.0.1, 127.0.0.2, ... (20,000 connections per
+source address). Times are wall-clock (`time.time()`) across processes of one machine. Commit → receipt: for
+this project, from the moment the publisher's COMMIT returned; for the floor, from the moment its autocommit
+`SELECT pg_notify(channel, '{"u": user, "m": frame}')` returned; for Channels, from the moment `group_send()`
+was called (as from `transaction.on_commit()`), so the commit itself is not counted for Channels. PostgreSQL
+signals a NOTIFY at commit, before the publisher has read the answer: a floor time can be near 0, or below it
+at tiny sizes (then its cost ratio is —). (c') and (c''), for this project and the floor only, each run on a
+fresh server process holding only their own connections; their percentiles are over every socket's receipt.
+Publish rates: this project writes every event to the outbox in a transaction (`publish()` in `atomic()`, or
+`publish_many()`); Channels' publishers only call `group_send()` (no database write; "batched" = concurrent
+sends); the floor has no (d) nor (f). The floor uses this project's websocket defaults (no compression, pings
+every 10 s). Each server's open-files limit is raised the same way. All processes share the machine's cores:
+the servers, PostgreSQL, Redis, the publishers and the load client."""
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -358,7 +471,7 @@ def markdown(results: dict[str, Any]) -> str:
     versions = ", ".join(f"{name} {version}" for name, version in m["versions"].items())
     load = ", ".join(f"{x:.2f}" for x in m["load_average_at_start"])
     parts = [
-        "# Benchmark: this project against Django Channels",
+        "# Benchmark: this project against a floor and Django Channels",
         "",
         f"Run on {m['date']} by `make bench` in {results.get('duration_s', 0) / 60:.1f} minutes.",
         "",
@@ -377,9 +490,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         table(results),
         "",
-        "Ratios are how many times better this project is than each Channels setup on that row "
-        "(lower times and memory, higher rates and counts are better). — means not measured or not reached "
-        "(see the notes).",
+        legend(results),
         "",
         "## Method",
         "",
@@ -412,19 +523,33 @@ def draw(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     systems = results["systems"]
-    keys = [key for key in (OURS, *CHANNELS) if key in systems]
+    keys = [key for key in (OURS, FLOOR, *CHANNELS) if key in systems]
     by_key = {row.key: row for row in rows(results["sizes"])}
     fanouts = [f"b{size}" for size in results["sizes"].get("fanout") or []]
     panels = [
         ("(a) memory per idle connection", ["a"], ["KiB"], "KiB (lower is better)", False),
         ("(b) fan-out, until the last client", fanouts, [k[1:] for k in fanouts], "ms (lower is better)", True),
         ("(c) commit → receipt latency", ["c50", "c99", "cmax"], ["p50", "p99", "max"], "ms (lower is better)", True),
+        (
+            "(c') users with several tabs",
+            ["c'p50", "c'p99", "c'max"],
+            ["p50", "p99", "max"],
+            "ms (lower is better)",
+            True,
+        ),
+        (
+            "(c'') one connection, alone",
+            ["c''p50", "c''p99", "c''max"],
+            ["p50", "p99", "max"],
+            "ms (lower is better)",
+            True,
+        ),
         ("(d) sustained publish rate", ["d1", "d2"], ["single", "batched"], "events/s (higher is better)", True),
         ("(e) new authenticated connections", ["e"], ["per second"], "connections/s (higher is better)", False),
         ("(f) two processes: held / fan-out", ["f", "f/fan-out"], ["held", "fan-out ms"], "count / ms", True),
     ]
-    colors = {"ours": "#2a7ab9", "channels-redis": "#d9534f", "channels-postgres": "#f0ad4e"}
-    figure, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    colors = {"ours": "#2a7ab9", "floor": "#7f7f7f", "channels-redis": "#d9534f", "channels-postgres": "#f0ad4e"}
+    figure, axes = plt.subplots(2, 4, figsize=(20, 8.5))
     for axis, (title, row_keys, names, ylabel, log) in zip(axes.flat, panels, strict=True):
         width = 0.8 / max(len(keys), 1)
         for index, key in enumerate(keys):
@@ -451,7 +576,7 @@ def draw(results: dict[str, Any], path: Path) -> None:
     axes.flat[0].legend(fontsize=8)
     m = results["machine"]
     figure.suptitle(
-        f"This project vs Django Channels — {m['cores']} cores, Python {m['python']}, "
+        f"This project vs the floor and Django Channels — {m['cores']} cores, Python {m['python']}, "
         f"PostgreSQL {m['postgresql']}, {m['date']}",
         fontsize=11,
     )

@@ -2,6 +2,7 @@
 
 - :func:`start_ours`: ``manage.py runwebsockets 127.0.0.1:PORT [--workers N]``;
 - :func:`start_daphne`: ``daphne`` serving ``bench.channels_site.asgi``;
+- :func:`start_floor`: ``python -m bench.floor`` (websockets + LISTEN, see :mod:`bench.floor`);
 - :func:`start_redis`: ``redis-server`` without persistence, for channels_redis.
 
 Each server's RLIMIT_NOFILE is raised (soft and, as root, hard) before it
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Server", "free_port", "redis_available", "start_daphne", "start_ours", "start_redis"]
+__all__ = ["Server", "free_port", "redis_available", "start_daphne", "start_floor", "start_ours", "start_redis"]
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 SERVER_NOFILE = 262_144
@@ -205,6 +206,15 @@ def start_daphne(database_url: str, log_dir: Path, env: dict[str, str]) -> Serve
     full_env = {"DATABASE_URL": database_url, "DJANGO_SETTINGS_MODULE": "bench.channels_site.settings", **env}
     server = _spawn("daphne", command, full_env, log_dir, [port])
     _wait(server, lambda: _tcp_open(port), 60, "daphne")
+    return server
+
+
+def start_floor(database_url: str, log_dir: Path, channel: str) -> Server:
+    """Start the floor server LISTENing on ``channel``; return once its ``/readyz`` answers 200 (LISTEN in place)."""
+    port = free_port()
+    command = [sys.executable, "-m", "bench.floor", "--port", str(port), "--channel", channel]
+    server = _spawn("floor", command, {"DATABASE_URL": database_url}, log_dir, [port])
+    _wait(server, lambda: _http_status(port, "/readyz") == 200, 30, "floor")
     return server
 
 
