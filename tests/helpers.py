@@ -54,14 +54,15 @@ class WorkerProcess:
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/"
+        return f"ws://{self.host}:{self.port}/"
 
     def http(self, path: str) -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
+            with urllib.request.urlopen(f"http://{self.host}:{self.port}{path}", timeout=5) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
@@ -86,6 +87,7 @@ def start_worker(
     port: int | None = None,
     realtime: dict[str, Any] | None = None,
     open_files: int | None = None,
+    host: str = "127.0.0.1",
 ) -> WorkerProcess:
     """Start ``manage.py runwebsockets`` on a free port against the test database; wait until ready.
 
@@ -103,14 +105,14 @@ def start_worker(
     env = {**os.environ, "DATABASE_URL": database_url_for_tests(), "REALTIME_LOG_LEVEL": "DEBUG", **(extra_env or {})}
     with os.fdopen(fd, "wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "manage.py", "runwebsockets", f"127.0.0.1:{port}", *args],
+            [sys.executable, "manage.py", "runwebsockets", f"{host}:{port}", *args],
             cwd=BASE_DIR,
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             preexec_fn=None if open_files is None else lambda: _limit_open_files(open_files),
         )
-    worker = WorkerProcess(process, port, Path(log_name))
+    worker = WorkerProcess(process, port, Path(log_name), host)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
