@@ -157,3 +157,47 @@ def worker_metrics(worker) -> str:
     with contextlib.suppress(OSError):
         return worker.http("/metrics")[1]
     return ""
+
+
+HALF_OPEN = """
+import socket, sys, time
+sys.path.insert(0, ".")
+from tests.rawws import raw_connect
+host, port, origin, ready_file = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+handshaking = socket.create_connection((host, port))
+handshaking.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n")  # never finished
+authenticating = raw_connect(port, host=host, origin=origin)  # never authenticates
+open(ready_file, "w").write("ready")
+time.sleep(120)
+"""
+
+
+def test_half_open_handshakes_and_logins_are_freed(tmp_path):
+    """Cut mid-handshake and mid-login: the worker drops both within its timeouts and frees their files."""
+    with private_link() as (namespace, host_dev, address):
+        worker = start_worker(realtime={**KEEPALIVE, "AUTH_TIMEOUT": 2.0}, host=address)
+        client = None
+        try:
+            process = psutil.Process(worker.process.pid)
+            baseline_fds = process.num_fds()
+            ready = tmp_path / "ready"
+            in_namespace = ["ip", "netns", "exec", namespace, sys.executable, "-c", HALF_OPEN]
+            client = subprocess.Popen(
+                [*in_namespace, address, str(worker.port), ORIGIN, str(ready)],
+                cwd=BASE_DIR,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            eventually(ready.exists, 20, "the half-open client never got going")
+            eventually(lambda: process.num_fds() >= baseline_fds + 2, 10, "the two sockets were not accepted")
+            run("ip", "link", "set", host_dev, "down")
+            # websockets' open_timeout (10 s) ends the handshake, AUTH_TIMEOUT (2 s) + CLOSE_TIMEOUT the login.
+            eventually(lambda: process.num_fds() <= baseline_fds, 30, "file descriptors held")
+            log = worker.log()
+            assert "closed 4408: no authentication" in log
+            assert "Traceback" not in log
+        finally:
+            if client is not None:
+                client.kill()
+                client.wait(10)
+            worker.stop()
