@@ -92,6 +92,11 @@ def eventually(condition, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def sockets_from(process: psutil.Process, peer: str) -> int:
+    """How many TCP sockets ``process`` holds with ``peer`` (the namespace's end of the link)."""
+    return sum(1 for c in process.net_connections("tcp") if c.raddr and c.raddr.ip == peer)
+
+
 def received(out_file: Path) -> list[dict]:
     return [json.loads(line) for line in out_file.read_text().splitlines() if line.strip()]
 
@@ -105,7 +110,8 @@ def test_a_silently_cut_client_is_closed_freed_and_resumes_without_loss(tmp_path
         worker = start_worker(realtime=KEEPALIVE, host=address)
         client = None
         try:
-            baseline_fds = psutil.Process(worker.process.pid).num_fds()
+            process = psutil.Process(worker.process.pid)
+            peer = address.rsplit(".", 1)[0] + ".2"
             token_file, out_file = tmp_path / "tokens", tmp_path / "received.jsonl"
             token_file.write_text("\n".join(get_token(web) for _ in range(20)))
             out_file.touch()
@@ -128,9 +134,7 @@ def test_a_silently_cut_client_is_closed_freed_and_resumes_without_loss(tmp_path
             # Bound: PING_INTERVAL + PING_TIMEOUT + CLOSE_TIMEOUT (4 s), with a generous margin.
             assert closed_after < 12, closed_after
             eventually(lambda: not online_users().filter(pk=alice.pk).exists(), 10, "alice stayed online")
-            eventually(
-                lambda: psutil.Process(worker.process.pid).num_fds() <= baseline_fds + 2, 10, "file descriptors held"
-            )
+            eventually(lambda: sockets_from(process, peer) == 0, 10, "its socket was kept")
             for n in range(1, 6):
                 publish("while-cut", {"n": n}, users=[alice])
 
@@ -179,7 +183,7 @@ def test_half_open_handshakes_and_logins_are_freed(tmp_path):
         client = None
         try:
             process = psutil.Process(worker.process.pid)
-            baseline_fds = process.num_fds()
+            peer = address.rsplit(".", 1)[0] + ".2"
             ready = tmp_path / "ready"
             in_namespace = ["ip", "netns", "exec", namespace, sys.executable, "-c", HALF_OPEN]
             client = subprocess.Popen(
@@ -189,10 +193,10 @@ def test_half_open_handshakes_and_logins_are_freed(tmp_path):
                 stderr=subprocess.PIPE,
             )
             eventually(ready.exists, 20, "the half-open client never got going")
-            eventually(lambda: process.num_fds() >= baseline_fds + 2, 10, "the two sockets were not accepted")
+            eventually(lambda: sockets_from(process, peer) == 2, 10, "the two sockets were not accepted")
             run("ip", "link", "set", host_dev, "down")
             # websockets' open_timeout (10 s) ends the handshake, AUTH_TIMEOUT (2 s) + CLOSE_TIMEOUT the login.
-            eventually(lambda: process.num_fds() <= baseline_fds, 30, "file descriptors held")
+            eventually(lambda: sockets_from(process, peer) == 0, 30, "their sockets were kept")
             log = worker.log()
             assert "closed 4408: no authentication" in log
             assert "Traceback" not in log
