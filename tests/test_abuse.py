@@ -124,14 +124,16 @@ def test_abuse_in_parallel_hurts_no_one_else():
         receive_events(good, 1)
         time.sleep(1)
         rss = [rss_kib(worker.process.pid)]
-        for round_number in range(2):
+        for round_number in range(3):
             abuse_round(worker, web, good, good_user, mallory, sockets)
             rss.append(rss_kib(worker.process.pid))
             print(f"round {round_number + 1}: worker RSS {rss[-1] / 1024:.1f} MiB (baseline {rss[0] / 1024:.1f} MiB)")
-        # Memory comes back near the baseline (see realtime/memory.py), and a second round
-        # of the same abuse does not grow it much more: nothing leaks per connection.
-        assert rss[2] < rss[1] + 15 * 1024, rss
-        assert rss[1] < rss[0] + 48 * 1024, rss
+        # Memory comes back near the baseline (see realtime/memory.py), and a later round of the
+        # same abuse does not grow it much more: nothing leaks per connection. The allocator's
+        # one-time growth (about 30 MiB on Python 3.12) lands in round 1 or, now and then, in
+        # round 2: the steady state is judged on round 3.
+        assert rss[3] < rss[2] + 15 * 1024, rss
+        assert max(rss[1:]) < rss[0] + 48 * 1024, rss
         log = worker.log()
         assert "Traceback" not in log
         assert "connection handler failed" not in log
