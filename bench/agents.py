@@ -91,16 +91,12 @@ class OursPublisher:
 
     def latency(self, rate: float, seconds: float, users: Sequence[int], k_base: int, start_at: float) -> list[float]:
         """Publish ``rate * seconds`` events, event ``i`` (``k_base + i``) to one user, paced; return commit times."""
-        count = int(rate * seconds)
-        times: list[float] = []
-        _sleep_until(start_at)
-        pacer = _Pacer(rate, time.time())
-        for i in range(count):
-            pacer.wait(i)
+
+        def send(i: int) -> None:
             with self.atomic():
                 self.publish("bench.latency", {"k": k_base + i}, users=[_user_of(users, i)])
-            times.append(time.time())
-        return times
+
+        return _paced(rate, seconds, start_at, send)
 
     def throughput(
         self,
@@ -238,15 +234,19 @@ class FloorPublisher:
 
     def latency(self, rate: float, seconds: float, users: Sequence[int], k_base: int, start_at: float) -> list[float]:
         """Like :meth:`OursPublisher.latency`; each time is taken when ``pg_notify`` returned."""
-        count = int(rate * seconds)
-        times: list[float] = []
-        _sleep_until(start_at)
-        pacer = _Pacer(rate, time.time())
-        for i in range(count):
-            pacer.wait(i)
-            self._notify(_user_of(users, i), k_base + i)
-            times.append(time.time())
-        return times
+        return _paced(rate, seconds, start_at, lambda i: self._notify(_user_of(users, i), k_base + i))
+
+
+def _paced(rate: float, seconds: float, start_at: float, send: Callable[[int], None]) -> list[float]:
+    """From ``start_at``, call ``send(i)`` for ``rate * seconds`` events, paced; return the time each returned."""
+    times: list[float] = []
+    _sleep_until(start_at)
+    pacer = _Pacer(rate, time.time())
+    for i in range(int(rate * seconds)):
+        pacer.wait(i)
+        send(i)
+        times.append(time.time())
+    return times
 
 
 def _agent_main(pipe: Any, kind: str, settings_module: str, database_url: str, env: dict[str, str]) -> None:

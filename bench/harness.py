@@ -999,18 +999,14 @@ def run(
                 try:
                     entry.update(bench.main_phase(system))
                 except Exception as exc:
-                    entry["error"] = f"{type(exc).__name__}: {exc}"
-                    progress.step(f"  ERROR: {entry['error']}")
-                    _forget_connection()
+                    _failed(entry, "error", exc, progress)
                 dbsetup.clear_run_data()
                 if key in sizes.extra_latency_systems:
                     progress.step(f"== {system.label}: (c') and (c''), each on a fresh server process")
                     try:
                         entry.update(bench.extra_latency_phase(system))
                     except Exception as exc:
-                        entry["extra_latency_error"] = f"{type(exc).__name__}: {exc}"
-                        progress.step(f"  ERROR: {entry['extra_latency_error']}")
-                        _forget_connection()
+                        _failed(entry, "extra_latency_error", exc, progress)
                     dbsetup.clear_run_data()
                 if key in sizes.capacity_systems:
                     progress.step(f"== {system.label}: (f) on {sizes.capacity_workers} server processes")
@@ -1022,9 +1018,7 @@ def run(
                             dbsetup.clear_run_data()
                             entry["capacity_more"] = bench.capacity_phase(system, workers=more)
                     except Exception as exc:
-                        entry["capacity_error"] = f"{type(exc).__name__}: {exc}"
-                        progress.step(f"  ERROR: {entry['capacity_error']}")
-                        _forget_connection()
+                        _failed(entry, "capacity_error", exc, progress)
                     dbsetup.clear_run_data()
                 elif system.kind == "floor":
                     entry["capacity_skipped"] = (
@@ -1043,6 +1037,13 @@ def run(
         print("\n" + report.legend(results))
         print(f"\nResults: {out_dir / 'results.md'}  ({results['duration_s'] / 60:.1f} min); server logs: {log_dir}")
     return results
+
+
+def _failed(entry: dict[str, Any], field: str, exc: Exception, progress: Any) -> None:
+    """Record a workload's failure in ``entry[field]``, say so, and drop the connection it may have broken."""
+    entry[field] = f"{type(exc).__name__}: {exc}"
+    progress.step(f"  ERROR: {entry[field]}")
+    _forget_connection()
 
 
 def _forget_connection() -> None:
