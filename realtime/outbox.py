@@ -6,8 +6,11 @@ that makes the INSERT, the COPY and each row), what the workers read of a row
 names. Nothing is sent from here. The outbox lives in the ``default`` database, which
 the workers read: publish inside a transaction on that database. The row becomes visible to the websocket workers
 when the caller's transaction commits; a deferred trigger then gives it its
-commit-ordered position and NOTIFYs the ``realtime`` channel with an empty
-payload (a wake-up, never the event). A rollback leaves no trace.
+commit-ordered position and NOTIFYs the ``realtime`` channel. The payload
+carries the transaction's events when they fit (see :func:`payload_events`),
+else it is empty: either way the table stays the record, and a worker reads it
+whenever the payload alone cannot prove it has missed nothing. A rollback
+leaves no trace.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ __all__ = [
     "SESSION_ENDED",
     "TABLE",
     "USER_CHANGED",
+    "payload_events",
     "publish",
     "publish_audience",
     "publish_control",
@@ -246,6 +250,26 @@ def row_to_event(row: tuple[Any, ...]) -> OutboxEvent | ControlEvent:
     if control:
         return ControlEvent(position, name, json.loads(control_data))
     return OutboxEvent(position, message, created, Audience(*audience))
+
+
+def payload_events(payload: str) -> list[OutboxEvent]:
+    """Return the events a NOTIFY payload carries, in order; an empty list for a bare wake-up.
+
+    The commit trigger (migration 0006) sends, for a transaction of at most 16
+    events and no control event whose payload fits in 8,000 bytes, two lines
+    per event: a JSON header ``[position, created, *audience]`` and the wire
+    message, built as ``EVENT_MESSAGE`` builds it. Anything else (a large
+    batch, a control event, a large event) is an empty payload. The events of
+    one payload have consecutive positions.
+    """
+    if not payload:
+        return []
+    lines = payload.split("\n")
+    events = []
+    for header, message in zip(lines[0::2], lines[1::2], strict=True):
+        position, created, *audience = json.loads(header)
+        events.append(OutboxEvent(position, message, created, Audience(*audience)))
+    return events
 
 
 def read_events(

@@ -15,6 +15,7 @@ from django.test import override_settings
 
 from realtime import publish
 from realtime.models import Event
+from realtime.outbox import payload_events
 from tests.helpers import WAIT, database_url_for_tests, make_user
 
 
@@ -84,7 +85,8 @@ def test_position_is_assigned_at_commit_only():
         assert event.position is not None
         notifies = list(listener.notifies(timeout=WAIT, stop_after=1))
     assert [n.channel for n in notifies] == ["realtime"]
-    assert notifies[0].payload == ""  # a wake-up, never the event
+    # One NOTIFY, sent at commit, carrying the event (tests/test_notify_payload.py has the details).
+    assert [e.position for e in payload_events(notifies[0].payload)] == [event.position]
 
 
 @pytest.mark.django_db(transaction=True)
