@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 __all__ = ["Metrics"]
 
@@ -30,6 +30,21 @@ class Metrics:
             "realtime_commit_to_send_seconds",
             "Time from publish to send, per event.",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        # Sizes that must stay flat over weeks (bench/soak.py watches them); the worker sets
+        # each with set_function(), so they are read when /metrics is scraped, in the event loop.
+        self.worker = Info("realtime_worker", "This worker process: its name and pid.", registry=r)
+        self.tasks = Gauge("realtime_asyncio_tasks", "Tasks in the worker's event loop.", registry=r)
+        self.registry_keys = Gauge(
+            "realtime_registry_keys",
+            "Keys in the registry's indexes (user, group, permission, topic, session).",
+            registry=r,
+        )
+        self.presence = Gauge(
+            "realtime_presence_connections",
+            "Connections the presence tracker holds: live (in memory) and written (in the database).",
+            ["state"],
             registry=r,
         )
 

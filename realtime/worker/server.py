@@ -135,6 +135,11 @@ class Worker:
         )
         self.metrics.listener_up.set_function(lambda: 1 if self.listener.ready else 0)
         self.metrics.connections.set_function(lambda: len(self.registry))
+        self.metrics.worker.info({"name": name, "pid": str(os.getpid())})
+        self.metrics.registry_keys.set_function(lambda: _registry_keys(self.registry))
+        # The tracker has no public size: these read its two maps, at scrape time, in the loop.
+        self.metrics.presence.labels("live").set_function(lambda: len(self.presence._live))
+        self.metrics.presence.labels("written").set_function(lambda: len(self.presence._written))
         self.max_connections = settings.MAX_CONNECTIONS
         self.server: Server | None = None
 
@@ -158,6 +163,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         # The default executor has min(32, cpus + 4) threads: too few for a burst of logins.
         loop.set_default_executor(ThreadPoolExecutor(settings.THREADS, thread_name_prefix="realtime-db"))
+        # /metrics is rendered in process_request, in this loop's thread.
+        self.metrics.tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
         await self.verifier.open()
         self._set_connection_limit()
         tasks = [
@@ -264,3 +271,9 @@ class Worker:
             # not say where the client stands.
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "starting, try again\n")
         return None
+
+
+def _registry_keys(registry: Registry) -> int:
+    """Return the keys of the registry's indexes: each must go when its last client does."""
+    indexes = (registry._by_user, registry._by_group, registry._by_permission, registry._by_topic)
+    return sum(len(index) for index in (*indexes, registry._by_session))
