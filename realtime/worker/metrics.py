@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 __all__ = ["Metrics"]
@@ -36,6 +38,13 @@ class Metrics:
         # each with set_function(), so they are read when /metrics is scraped, in the event loop.
         self.worker = Info("realtime_worker", "This worker process: its name and pid.", registry=r)
         self.tasks = Gauge("realtime_asyncio_tasks", "Tasks in the worker's event loop.", registry=r)
+        # Python's own allocations: growing with RSS is a leak of objects; RSS alone, fragmentation.
+        self.blocks = Gauge(
+            "realtime_python_allocated_blocks",
+            "Memory blocks allocated by Python (sys.getallocatedblocks()).",
+            registry=r,
+        )
+        self.blocks.set_function(sys.getallocatedblocks)
         self.registry_keys = Gauge(
             "realtime_registry_keys",
             "Keys in the registry's indexes (user, group, permission, topic, session).",
