@@ -48,9 +48,16 @@ clean:
 # make bench       : this project against a floor and Django Channels on this machine (about 18 minutes);
 #                    writes bench/results/results.md and plot.png and prints the table.
 # make bench-smoke : the benchmark harness at tiny sizes against this project only (seconds).
+# make soak        : the real stack for MINUTES (default 20) under churn and faults, on a PostgreSQL of its
+#                    own: every client must get exactly its events and the workers must not grow; writes
+#                    bench/results/soak.md and soak.png, and fails when a check does. More options go in
+#                    SOAK_ARGS, e.g. make soak MINUTES=5 SOAK_ARGS="--out /tmp/soak --keep-logs".
+#                    A one-minute soak is part of make test (tests/test_soak.py).
 BENCH_STAMP := $(VENV)/.bench-installed
+MINUTES ?= 20
+SOAK_ARGS ?=
 
-.PHONY: bench bench-smoke
+.PHONY: bench bench-smoke soak
 
 $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 	$(PY) -m pip install --quiet -r requirements-bench.txt
@@ -64,3 +71,6 @@ bench: $(BENCH_STAMP)
 
 bench-smoke: $(STAMP)
 	$(PY) -m pytest -q tests/test_bench_smoke.py
+
+soak: $(BENCH_STAMP)
+	$(PY) -m bench.soak --minutes $(MINUTES) $(SOAK_ARGS)
