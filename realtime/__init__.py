@@ -13,19 +13,28 @@ while Django loads its apps, before models may be.
   autocommit mode and the event commits at once, on its own. To publish
   atomically with a change, write both in a sync function under
   ``transaction.atomic()`` and await it with ``sync_to_async``.
+- :func:`track` declares a model whose changes are published as
+  ``model.change`` events (see ``realtime.changes``), :func:`acting_as` says
+  who makes the changes in a block, and :func:`model_topic` names the topics
+  a page subscribes to.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from asgiref.sync import sync_to_async
 
 if TYPE_CHECKING:
+    from django.db.models import Model
+
     from realtime.models import Event
 
-__all__ = ["apublish", "apublish_many", "publish", "publish_many"]
+__all__ = ["acting_as", "apublish", "apublish_many", "model_topic", "publish", "publish_many", "track"]
+
+M = TypeVar("M", bound="type[Model]")
 
 
 def publish(
@@ -80,3 +89,34 @@ async def apublish(
 async def apublish_many(events: Iterable[dict[str, Any]]) -> int:
     """Async :func:`publish_many`; ``events`` is iterated in Django's sync thread, so it may query the ORM."""
     return await sync_to_async(publish_many)(events)
+
+
+def track(model: M) -> M:
+    """Publish ``model.change`` events for every save and delete of ``model``; return it (a class decorator too).
+
+    See :func:`realtime.changes.track`.
+    """
+    from realtime.changes import track as changes_track
+
+    changes_track(model)
+    return model
+
+
+def acting_as(user: Any) -> AbstractContextManager[None]:
+    """Changes to tracked models made in this ``with`` block are published as made by ``user``.
+
+    See :func:`realtime.changes.acting_as`.
+    """
+    from realtime.changes import acting_as as changes_acting_as
+
+    return changes_acting_as(user)
+
+
+def model_topic(model: Any, pk: Any = None) -> str:
+    """Return ``"model:app_label.model_name"``, or with ``pk`` (or given an instance) ``"...:<pk>"``.
+
+    See :func:`realtime.changes.model_topic`.
+    """
+    from realtime.changes import model_topic as changes_model_topic
+
+    return changes_model_topic(model, pk)

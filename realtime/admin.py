@@ -58,6 +58,7 @@ class PresenceConnectionAdmin(_PresenceAdmin):
     search_fields = ("username", "client_ip")
     ordering = ("username", "connected_at")
     actions = None
+    realtime_changes = False  # written by the workers, not edited: no live change events
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[PresenceConnection]:
         rows = super().get_queryset(request).filter(worker__expires_at__gt=Now())

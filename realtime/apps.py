@@ -1,8 +1,8 @@
-from django.apps import AppConfig
+from django.apps import AppConfig, apps
 
 
 class RealtimeConfig(AppConfig):
-    """Connects the admin and auth signals and registers the system checks."""
+    """Connects the admin and auth signals, hooks the live admin and registers the system checks."""
 
     name = "realtime"
     verbose_name = "Realtime"
@@ -12,3 +12,7 @@ class RealtimeConfig(AppConfig):
         from realtime import checks, signals  # noqa: F401  (registration side effects)
 
         signals.connect()
+        if apps.is_installed("django.contrib.admin"):
+            from realtime import live_admin
+
+            live_admin.install()

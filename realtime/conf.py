@@ -83,6 +83,12 @@ def str_or_none(key: str, value: Any) -> str | None:
     return None
 
 
+def boolean(key: str, value: Any) -> str | None:
+    if not isinstance(value, bool):
+        return f"REALTIME[{key!r}] must be True or False, not {value!r}."
+    return None
+
+
 def topic_patterns(key: str, value: Any) -> str | None:
     if not isinstance(value, list | tuple) or not all(isinstance(p, str) and p for p in value):
         return f"REALTIME[{key!r}] must be a list of topic patterns (non-empty str), not {value!r}."
@@ -171,6 +177,9 @@ SETTINGS: dict[str, Setting] = {
         None, database_or_none, "Database to LISTEN on: None (default), a DATABASES alias or a connection string."
     ),
     "PRESENCE_TOPICS": Setting([], topic_patterns, "Topic patterns whose subscribers get presence.join/leave."),
+    "MODEL_CHANGES": Setting(
+        True, boolean, "Publish model.change events for tracked models and the admin's live change forms."
+    ),
 }
 DEFAULTS: dict[str, Any] = {key: setting.default for key, setting in SETTINGS.items()}
 

@@ -12,6 +12,11 @@ bool``, replaces the patterns with your own code (e.g. "is this user a member
 of this chat room?"). It receives the user model instance and runs in the
 worker's thread pool, so it may use the ORM. An exception in it counts as a
 refusal and is logged.
+
+Model topics (``model:<app_label>.<model_name>`` and ``...:<pk>``, see
+``realtime.changes``) are decided first, by permission, whatever the patterns
+or the policy say: the model's view or change permission allows them (and
+superusers); any other ``model:`` name is refused.
 """
 
 from __future__ import annotations
@@ -26,16 +31,28 @@ from django.contrib.auth import get_user_model
 from django.db import DatabaseError
 from django.utils.module_loading import import_string
 
+from realtime.changes import topic_permissions
 from realtime.conf import settings
 from realtime.core.audience import Identity
 
-__all__ = ["can_subscribe", "decide_by_policy", "load_policy"]
+__all__ = ["can_subscribe", "decide_by_policy", "load_policy", "model_topic_allowed"]
 
 logger = logging.getLogger("realtime.topics")
 
 
+def model_topic_allowed(identity: Identity, topic: str) -> bool | None:
+    """Decide a model topic by permission (no I/O); None if ``topic`` is not one (``model:...``)."""
+    permissions = topic_permissions(topic)
+    if permissions is None:
+        return None
+    return any(identity.has_perm(permission) for permission in permissions)
+
+
 def can_subscribe(identity: Identity, topic: str) -> bool:
-    """Apply the ``TOPICS`` patterns (no I/O)."""
+    """Decide a model topic by permission, any other by the ``TOPICS`` patterns (no I/O)."""
+    decided = model_topic_allowed(identity, topic)
+    if decided is not None:
+        return decided
     for pattern, permission in settings.TOPICS.items():
         if fnmatchcase(topic, pattern):
             return permission is None or identity.has_perm(permission)

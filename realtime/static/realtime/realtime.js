@@ -2,6 +2,7 @@
 //
 //   import { RealtimeClient } from "/static/realtime/realtime.js";
 //   const client = new RealtimeClient({ tokenUrl: "/realtime/token/", topics: ["room:1"] });
+//   (option lastId: an event id the page was rendered at; the first connection replays what followed it)
 //   client.on("event", (message) => console.log(message.event, message.data));
 //   client.on("state", (state) => console.log(state));  // connecting | open | closed | stopped
 //   client.on("reset", () => location.reload());         // the server could not replay what was missed
@@ -16,12 +17,12 @@
 const AUTH_FAILED = 4401;
 
 export class RealtimeClient {
-  constructor({ tokenUrl = "/realtime/token/", topics = [], minDelay = 500, maxDelay = 15000 } = {}) {
+  constructor({ tokenUrl = "/realtime/token/", topics = [], minDelay = 500, maxDelay = 15000, lastId = null } = {}) {
     this.tokenUrl = tokenUrl;
     this.topics = new Set(topics);
     this.minDelay = minDelay;
     this.maxDelay = maxDelay;
-    this.lastId = null;
+    this.lastId = lastId;
     this.state = "stopped";
     this.user = null;
     this._handlers = new Map();
