@@ -17,6 +17,9 @@ change to it:
   is refused with a form error, unless the user ticks "Save anyway"
   (``_realtime_overwrite``). An optimistic check, not a lock.
 
+When ``PRESENCE_TOPICS`` announces model topics (``["model:*"]``), a change
+form also shows who else has the object open, and since when.
+
 A ``ModelAdmin`` with ``realtime_changes = False``, or
 ``REALTIME["MODEL_CHANGES"] = False``, turns all of it off.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
+from fnmatch import fnmatchcase
 from typing import Any
 
 from django import forms
@@ -39,8 +43,9 @@ from django.utils.formats import time_format
 
 from realtime import changes
 from realtime.conf import settings
+from realtime.presence import online_connections
 
-__all__ = ["OVERWRITE_FIELD", "SEEN_FIELD", "enabled_for", "install", "page_state", "seen_position"]
+__all__ = ["OVERWRITE_FIELD", "SEEN_FIELD", "enabled_for", "install", "others_here", "page_state", "seen_position"]
 
 SEEN_FIELD = "_realtime_seen"
 OVERWRITE_FIELD = "_realtime_overwrite"
@@ -82,7 +87,9 @@ def _parse_position(text: str) -> int | None:
 def page_state(context: Any) -> dict[str, Any] | None:
     """What realtime's admin templates need on a change form, or None on other pages (and when off).
 
-    Keys: ``topic`` (the object's), ``topics`` (the client's), ``last_id`` (the event id the page was
+    Keys: ``presence`` (whether ``PRESENCE_TOPICS`` announces the object's
+    topic), ``present`` (:func:`others_here`), ``me`` (the user's id),
+    ``topic`` (the object's), ``topics`` (the client's), ``last_id`` (the event id the page was
     rendered at), ``model`` (``app_label.model_name``), ``pk`` (text),
     ``url`` (this change form), ``seen`` (the hidden field's value).
     """
@@ -94,9 +101,13 @@ def page_state(context: Any) -> dict[str, Any] | None:
     model_admin = getattr(adminform, "model_admin", None)
     if not isinstance(original, Model) or not enabled_for(model_admin) or not changes.admin_tracks(type(original)):
         return None
-    seen = seen_position(request)
+    seen = seen_position(request)  # before presence: what joins or leaves after it is replayed
     topic = changes.model_topic(original)
+    announced = any(fnmatchcase(topic, pattern) for pattern in settings.PRESENCE_TOPICS)
     return {
+        "presence": announced,
+        "present": others_here(topic, request.user.pk) if announced else [],
+        "me": request.user.pk,
         "topic": topic,
         "topics": [topic],
         "last_id": seen,
@@ -105,6 +116,23 @@ def page_state(context: Any) -> dict[str, Any] | None:
         "url": request.path,
         "seen": "" if seen is None else str(seen),
     }
+
+
+def others_here(topic: str, me: Any) -> list[dict[str, Any]]:
+    """Return the other users connected with ``topic`` now, earliest first: ``{"id", "username", "since"}`` (one query).
+
+    ``since`` is when their first such connection was made (ISO 8601).
+    """
+    rows = (
+        online_connections(topic)
+        .exclude(user_id=me)
+        .order_by("connected_at")
+        .values_list("user_id", "username", "connected_at")
+    )
+    present: dict[int, dict[str, Any]] = {}
+    for user_id, username, connected_at in rows:
+        present.setdefault(user_id, {"id": user_id, "username": username, "since": connected_at.isoformat()})
+    return list(present.values())
 
 
 class StaleSaveCheck(forms.BaseForm):

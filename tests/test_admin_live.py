@@ -163,3 +163,38 @@ def test_deletion_notice_in_dark_mode_on_a_narrow_screen(realtime_site, people, 
     assert colours["bg"] != "rgb(255, 255, 204)", colours  # not the light theme's warning yellow
     assert colours["right"] <= colours["width"], colours
     shoot(alice, "admin-conflict-dark-narrow.png")
+
+
+@pytest.fixture
+def presence_site(live_server, settings, transactional_db):
+    """The live server and a worker that announce model topics (PRESENCE_TOPICS), with fast presence rounds."""
+    from tests.helpers import start_worker
+
+    options = {"PRESENCE_TOPICS": ["model:*"], "PRESENCE_INTERVAL": 0.5}
+    worker = start_worker(realtime=options)
+    settings.REALTIME = {"URL": worker.url, **options}
+    try:
+        yield live_server
+    finally:
+        worker.stop()
+
+
+def test_who_else_is_here(presence_site, people, browser):  # noqa: F811
+    """Each of two editors of one group sees the other, with since when; the one who leaves disappears."""
+    base = presence_site.url
+    url = f"{base}/admin/auth/group/{people['group']}/change/"
+    alice = login(browser, base, "alice")
+    alice.goto(url)
+    wait_open(alice)
+    editor = login(browser, base, "editor")
+    editor.goto(url)
+    wait_open(editor)
+
+    line = alice.wait_for_selector("#realtime-present:not([hidden])", timeout=WAIT)
+    assert re.fullmatch(r"Also here: editor since \d\d:\d\d", line.inner_text().strip()), line.inner_text()
+    line = editor.wait_for_selector("#realtime-present:not([hidden])", timeout=WAIT)
+    assert re.fullmatch(r"Also here: alice since \d\d:\d\d", line.inner_text().strip()), line.inner_text()
+    shoot(alice, "admin-who-else-is-here.png")
+
+    editor.context.close()  # closing the tab ends the connection: a presence.leave follows
+    alice.wait_for_selector("#realtime-present[hidden]", state="attached", timeout=WAIT)

@@ -6,8 +6,10 @@
 // the event id the page was rendered at, so a change committed meanwhile is replayed, not missed.
 // When a "model.change" event for this object arrives, a notice appears at the top of the form:
 // "Changed by editor at 14:02 — your save would overwrite it: reload, or keep editing", with a
-// link that opens the current version in a new tab. Names and object texts are user data:
-// they only ever go through textContent.
+// link that opens the current version in a new tab. When PRESENCE_TOPICS announces the topic,
+// a line above the form says who else has the object open, and since when ("Also here: editor
+// since 15:58"), from the state rendered with the page and the presence.join / presence.leave
+// events that follow it. Names and object texts are user data: they only ever go through textContent.
 (() => {
   "use strict";
   const config = document.getElementById("realtime-change-form");
@@ -78,14 +80,53 @@
     item.dataset.action = data.action;
   }
 
+  const present = new Map((page.present || []).map((user) => [user.id, user]));
+
+  function showPresent() {
+    if (!page.presence) return;
+    const form = document.querySelector("#content-main form");
+    if (!form) return;
+    let line = document.getElementById("realtime-present");
+    if (!line) {
+      line = document.createElement("p");
+      line.id = "realtime-present";
+      line.className = "help realtime-present";
+      line.setAttribute("aria-live", "polite");
+      form.before(line);
+    }
+    line.hidden = present.size === 0;
+    const parts = ["Also here: "];
+    [...present.values()].forEach((user, index) => {
+      const name = document.createElement("strong");
+      name.textContent = user.username;
+      const when = clock(user.since);
+      parts.push(index ? ", " : "", name, when ? ` since ${when}` : "");
+    });
+    line.replaceChildren(...parts);
+  }
+
+  function whenReady(action) {
+    if (document.readyState === "loading") {
+      document.addEventListener("DOMContentLoaded", action, { once: true });
+    } else {
+      action();
+    }
+  }
+
+  whenReady(showPresent);
   document.addEventListener("realtime:event", ({ detail: message }) => {
-    if (message.event !== "model.change" || message.topic !== page.topic) return;
+    if (message.topic !== page.topic) return;
+    if (message.event === "presence.join" || message.event === "presence.leave") {
+      const user = (message.data || {}).user;
+      if (!user || user.id === page.me) return;
+      if (message.event === "presence.leave") present.delete(user.id);
+      else if (!present.has(user.id)) present.set(user.id, { ...user, since: message.at });
+      whenReady(showPresent);
+      return;
+    }
+    if (message.event !== "model.change") return;
     const data = message.data || {};
     if (data.model !== page.model || String(data.pk) !== page.pk) return;
-    if (document.readyState === "loading") {
-      document.addEventListener("DOMContentLoaded", () => show(data), { once: true });
-    } else {
-      show(data);
-    }
+    whenReady(() => show(data));
   });
 })();
