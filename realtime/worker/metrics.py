@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
@@ -45,6 +46,11 @@ class Metrics:
             registry=r,
         )
         self.blocks.set_function(sys.getallocatedblocks)
+        # Blocks right after a full collection are the live objects: the rest is garbage waiting for one.
+        self.full_collections = Gauge(
+            "realtime_gc_full_collections", "Full (generation 2) garbage collections so far.", registry=r
+        )
+        self.full_collections.set_function(lambda: gc.get_stats()[2]["collections"])
         self.registry_keys = Gauge(
             "realtime_registry_keys",
             "Keys in the registry's indexes (user, group, permission, topic, session).",
