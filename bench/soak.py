@@ -56,7 +56,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped,unused-ignore]
 from psycopg.conninfo import make_conninfo
 
 from bench.loadclient import stop_children
@@ -78,7 +78,15 @@ MUTABLE_PERMISSIONS = ["auth.view_permission", "auth.change_group"]
 TOPICS = [f"t{i}" for i in range(8)]
 DYNAMIC_TOPICS = ["dyn0", "dyn1", "dyn2"]
 # The share of each audience kind in the steady stream (everyone is costly: one frame per connection).
-WEIGHTS = {"users": 40, "groups": 15, "permission": 10, "staff": 10, "everyone": 2, "topic": 16, "mixed": 7}
+WEIGHTS: dict[str, float] = {
+    "users": 40,
+    "groups": 15,
+    "permission": 10,
+    "staff": 10,
+    "everyone": 2,
+    "topic": 16,
+    "mixed": 7,
+}
 # Measures sampled per worker process (shown per process in the report).
 MEASURES = ("rss", "blocks", "fds", "threads", "tasks", "connections", "registry_keys", "presence", "pg")
 # Measures judged flat on the never-killed worker: none follows how many clients it holds.
@@ -88,6 +96,8 @@ MEASURES = ("rss", "blocks", "fds", "threads", "tasks", "connections", "registry
 FLAT = ("rss", "fds_other", "tasks_other", "presence_other", "registry_keys", "threads", "pg")
 # Short runs are still in the allocator's warm-up: their RSS may grow this much (--minutes < RSS_MINUTES).
 RSS_MINUTES, SHORT_RUN_RSS_LIMIT = 5.0, 0.25
+# A worker's PostgreSQL connections at most: 2 listener, 8 logins, Django's pool (project/database.py).
+PG_BUDGET = 2 + 8 + int(os.environ.get("DJANGO_DB_POOL_SIZE", "10"))
 # Seconds by which presence's written picture may lag its live one (REALTIME["PRESENCE_INTERVAL"]).
 PRESENCE_LAG = 2.0
 LABELS = {
@@ -336,6 +346,7 @@ _INFO = re.compile(r'^realtime_worker_info\{name="worker-(\d+)",pid="(\d+)"\} ',
 _GAUGES = {
     "tasks": re.compile(r"^realtime_asyncio_tasks ([\d.e+]+)$", re.MULTILINE),
     "blocks": re.compile(r"^realtime_python_allocated_blocks ([\d.e+]+)$", re.MULTILINE),
+    "gc_full": re.compile(r"^realtime_gc_full_collections ([\d.e+]+)$", re.MULTILINE),
     "connections": re.compile(r"^realtime_connections ([\d.e+]+)$", re.MULTILINE),
     "registry_keys": re.compile(r"^realtime_registry_keys ([\d.e+]+)$", re.MULTILINE),
     "presence_live": re.compile(r'^realtime_presence_connections\{state="live"\} ([\d.e+]+)$', re.MULTILINE),
@@ -450,6 +461,7 @@ class Sampler:
                 presence = m["presence_live"] + m["presence_written"]
                 entry.update(
                     blocks=m["blocks"] / 1000,
+                    gc_full=m["gc_full"],
                     tasks=m["tasks"],
                     tasks_other=m["tasks"] - 2 * m["connections"],
                     connections=m["connections"],
@@ -495,7 +507,7 @@ class Delivery:
 
 def check_delivery(
     events: list[tuple[int, Any]],
-    identities: dict[int, Any],
+    identities: dict[Any, Any],
     people: People,
     results: list[dict[str, Any]],
     final: int,
@@ -707,6 +719,9 @@ def check_flat(samples: list[dict[str, Any]], plan: Plan) -> list[Flat]:
             allowed += 1
         if measure.endswith("_other"):
             allowed += 0.02 * clients
+        if measure == "pg":
+            # Pools open connections lazily, up to their sizes: judged against the worker's budget.
+            allowed = max(allowed, PG_BUDGET - (baseline or 0.0))
         if measure == "presence_other":
             # The written picture lags the live one by a presence round (2 s): that much churn.
             allowed += plan.churn_rate * PRESENCE_LAG
@@ -926,6 +941,7 @@ class Soak:
         close_old_connections()
         final_event = publish("soak.final", {}, everyone=True)
         final = Event.objects.values_list("position", flat=True).get(pk=final_event.pk)
+        assert final is not None, "a committed event has a position"
         behind = agents.call(clients, "wait_for", timeout=150, position=final, within=90.0)
         results: list[dict[str, Any]] = []
         agent_counts: Counter[str] = Counter()
@@ -1144,6 +1160,19 @@ class Report:
         lines += ["", "## Worker resources", "", *self.resource_tables()]
         return "\n".join(lines) + "\n"
 
+    def live_objects(self, slot: int) -> str:
+        """A sentence on the worker's Python blocks right after its full collections (its live objects)."""
+        points = _after_full_collections(self.samples, slot)
+        if not points:
+            return f"Worker {slot} ran no full garbage collection between two samples that both answered /metrics."
+        shown = points if len(points) <= 8 else [*points[:4], *points[-4:]]
+        listed = ", ".join(f"{t:.0f} s: {blocks:,.0f}k ({clients:.0f} clients)" for t, blocks, clients in shown)
+        return (
+            f"Worker {slot}'s Python blocks at the first sample after each of its {len(points)} full collections"
+            f" seen (its live objects, with the clients it held){' (first and last four)' if len(points) > 8 else ''}:"
+            f" {listed}."
+        )
+
     def resource_tables(self) -> list[str]:
         lines = [
             "Each worker process (slot, pid) from its first to its last sample; slot"
@@ -1182,7 +1211,9 @@ class Report:
             f" Allowed growth: {rss_limit:.0%} of the baseline for RSS (runs under {RSS_MINUTES:g} minutes are"
             " still in the allocator's warm-up), 5 % for the rest, plus one for counts, plus 2 % of its clients"
             f" for the differences, and for presence the churn of {PRESENCE_LAG:g} s (a presence round) by which"
-            f" the written picture may lag the live one. Worker {self.plan.victim_slot}'s processes are young (killed"
+            " the written picture may lag the live one. PostgreSQL connections may grow up to the worker's budget"
+            f" ({PG_BUDGET}: 2 listener, 8 logins, Django's pool), which its pools fill lazily."
+            f" Worker {self.plan.victim_slot}'s processes are young (killed"
             " every round) and are reported above only."
             " Python's allocated blocks (`sys.getallocatedblocks()`) are shown above, not judged: with the"
             " worker's collector thresholds, cyclic garbage builds up for tens of seconds between full collections.",
@@ -1196,6 +1227,7 @@ class Report:
             growth = "—" if f.growth is None else f"{f.growth:+,.1f}"
             lines.append(f"| {LABELS[f.measure]} | {baseline} | {end} | {growth} | {f.allowed:,.1f} |"
                          f" {'PASS' if f.ok else '**FAIL**'} |")  # fmt: skip
+        lines += ["", self.live_objects(survivor)]
         others: dict[str, list[int]] = defaultdict(list)
         for sample in self.samples:
             for name, held in sample["others"].items():
@@ -1207,13 +1239,26 @@ class Report:
         return lines
 
 
+def _after_full_collections(samples: list[dict[str, Any]], slot: int) -> list[tuple[float, float, float]]:
+    """(t, k blocks, clients) of ``slot`` at each first sample after a full collection of the same process."""
+    found, previous = [], None
+    for sample in samples:
+        worker = sample["workers"].get(slot)
+        if worker is None or "gc_full" not in worker:
+            continue
+        if previous is not None and previous["pid"] == worker["pid"] and worker["gc_full"] > previous["gc_full"]:
+            found.append((sample["t"], worker["blocks"], worker["connections"]))
+        previous = worker
+    return found
+
+
 def plot(samples: list[dict[str, Any]], faults: list[tuple[float, str, str]], path: Path) -> Path | None:
     """Draw RSS, open fds and PostgreSQL connections of each worker over time; None without matplotlib."""
     try:
-        import matplotlib
+        import matplotlib  # type: ignore[import-not-found,unused-ignore]
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return None
     figure, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)

@@ -143,6 +143,8 @@ class _Ws(asyncio.Protocol):
         self.request = request
         self.sink = sink
         self.upgraded: asyncio.Future[None] = loop.create_future()
+        # A connection dropped on purpose before its 101 has nobody waiting for this.
+        self.upgraded.add_done_callback(lambda future: future.cancelled() or future.exception())
         self.closed: asyncio.Future[int] = loop.create_future()
         self.transport: Any = None
         self.buf = b""
@@ -471,29 +473,43 @@ class _Browser:
         return match.group(1) if match else None
 
     def _login(self) -> bool:
-        token = self._form_token("/admin/login/")
-        if token is None:
-            return False
-        password = self.agent.config.passwords[self.spec.username]
-        fields = {"csrfmiddlewaretoken": token, "username": self.spec.username, "password": password, "next": "/admin/"}
-        status, _ = self._post("/admin/login/", fields)
-        return status == 302
+        """Log in through the admin's form; with the newest password that works (see _change_password)."""
+        for password in reversed(self.agent.passwords[self.spec.username]):
+            token = self._form_token("/admin/login/")
+            if token is None:
+                return False
+            fields = {"csrfmiddlewaretoken": token, "username": self.spec.username, "password": password}
+            if self._post("/admin/login/", {**fields, "next": "/admin/"})[0] == 302:
+                return True
+        return False
 
     def _logout(self) -> bool:
         token = self._form_token("/admin/")
         return token is not None and self._post("/admin/logout/", {"csrfmiddlewaretoken": token})[0] == 200
 
     def _change_password(self) -> bool:
+        """Change the password through the admin's form (the caller holds the user's lock).
+
+        Every password tried is kept: a change whose answer was lost (a timeout
+        while PostgreSQL restarts) may have been applied, and logins try the
+        newest first.
+        """
         token = self._form_token("/admin/password_change/")
         if token is None:
             return False
-        passwords = self.agent.config.passwords
-        old, new = passwords[self.spec.username], f"pw-{self.spec.username}-{random.getrandbits(40):x}"
-        fields = {"csrfmiddlewaretoken": token, "old_password": old, "new_password1": new, "new_password2": new}
-        if self._post("/admin/password_change/", fields)[0] != 302:
-            return False
-        passwords[self.spec.username] = new  # the user's other browsers log in with it from now on
-        return True
+        passwords = self.agent.passwords[self.spec.username]
+        new = f"pw-{self.spec.username}-{random.getrandbits(40):x}"
+        passwords.append(new)
+        fields = {
+            "csrfmiddlewaretoken": token,
+            "old_password": passwords[-2],
+            "new_password1": new,
+            "new_password2": new,
+        }
+        if self._post("/admin/password_change/", fields)[0] == 302:
+            return True
+        passwords.remove(new)  # refused: the form said why (not applied)
+        return False
 
     def _token(self) -> str | None:
         status, body = self._get("/realtime/token/")
@@ -513,7 +529,7 @@ class _Browser:
         async with self.lock:
             for _ in range(5):
                 try:
-                    token = await self.agent.blocking(self._token)
+                    token: str | None = await self.agent.blocking(self._token)
                 except (OSError, ConnectFailed):
                     self.agent.counts["token failed"] += 1
                     return None
@@ -535,7 +551,10 @@ class _Browser:
                     ok = await self.agent.blocking(self._logout)
                     self.agent.counts["logouts" if ok else "logouts failed"] += 1
                 else:
-                    ok = await self.agent.blocking(self._change_password)
+                    # One change at a time per user: Django reads and writes the password without a
+                    # lock, so two concurrent changes could both pass and leave us the wrong one.
+                    async with self.agent.user_locks[self.spec.username]:
+                        ok = await self.agent.blocking(self._change_password)
                     self.agent.counts["password changes" if ok else "password changes failed"] += 1
             except OSError:
                 self.agent.counts["account action failed"] += 1
@@ -564,19 +583,26 @@ class _Agent:
         self.newest = 0
         self.counts: Counter[str] = Counter()
         self.churn: list[dict[str, Any]] = []
+        # username -> every password set (the current one last), shared by the user's browsers.
+        self.passwords = {name: [password] for name, password in config.passwords.items()}
+        self.user_locks = {name: asyncio.Lock() for name in config.passwords}
         self.browsers = [_Browser(self, spec) for spec in config.browsers]
         self.tabs = [_Tab(self, spec) for spec in config.tabs]
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.tab_tasks: set[asyncio.Task[Any]] = set()
         self.threads = ThreadPoolExecutor(8, thread_name_prefix="soak-http")
         self.commands: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
 
-    def spawn(self, coroutine: Any) -> None:
+    def spawn(self, coroutine: Any, *, tab: bool = False) -> None:
         task = asyncio.ensure_future(coroutine)
         self.tasks.add(task)
+        if tab:
+            self.tab_tasks.add(task)
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
+        self.tab_tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             self.counts[f"task failed: {type(exc).__name__}"] += 1
@@ -756,7 +782,7 @@ class _Agent:
     async def cmd_start(self) -> dict[str, Any]:
         """Open every tab (spread over about 2 s), wait until they are all open (60 s at most)."""
         for tab in self.tabs:
-            self.spawn(tab.run())
+            self.spawn(tab.run(), tab=True)
             await asyncio.sleep(2.0 / max(1, len(self.tabs)))
         deadline = time.monotonic() + 60
         while self.open_tabs < len(self.tabs) and time.monotonic() < deadline:
@@ -777,7 +803,7 @@ class _Agent:
         """Stop churn, account actions, topic changes and rotation; let churn connections finish."""
         self.quiesced = True
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(not t.done() for t in self.tasks if t.get_coro().__name__ != "run"):
+        while time.monotonic() < deadline and any(not task.done() for task in self.tasks - self.tab_tasks):
             await asyncio.sleep(0.1)
         return self.status()
 
