@@ -704,6 +704,8 @@ def check_flat(samples: list[dict[str, Any]], plan: Plan) -> list[Flat]:
     def value(measure: str) -> Callable[[dict[str, Any]], float | None]:
         def get(s: dict[str, Any]) -> float | None:
             worker = s["workers"].get(survivor)
+            if measure == "pg" and not s["pg_up"]:
+                return None
             return None if worker is None or measure not in worker else float(worker[measure])
 
         return get
@@ -1265,6 +1267,8 @@ def plot(samples: list[dict[str, Any]], faults: list[tuple[float, str, str]], pa
     for axis, measure in zip(axes, ("rss", "fds", "pg"), strict=True):
         lines: dict[tuple[int, int], tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
         for sample in samples:
+            if measure == "pg" and not sample["pg_up"]:
+                continue  # PostgreSQL was restarting: nobody to ask
             for slot, worker in sample["workers"].items():
                 xs, ys = lines[slot, worker["pid"]]
                 xs.append(sample["t"] / 60)
