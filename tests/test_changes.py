@@ -314,3 +314,20 @@ def test_opted_out_model_admin_has_no_marker_and_no_check():
         assert response.status_code == 302
     finally:
         del model_admin.realtime_changes  # type: ignore[attr-defined]
+
+
+@pytest.mark.django_db
+def test_a_stale_save_check_reads_one_objects_changes_not_every_event_since_the_page_opened():
+    """changed_since() uses the (topic, position) index of model.change events: with 20,000 other
+    events after the page's position, the plan is an index scan of that index, not of the outbox."""
+    from django.db import connection
+
+    group = Group.objects.create(name="indexed")
+    seen = changes.newest_position()
+    realtime.publish_many([{"event": "noise", "data": {"i": i}, "topic": "noise"} for i in range(20_000)])
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE realtime_event SET position = id WHERE position IS NULL")  # as a commit would
+        cursor.execute("ANALYZE realtime_event")
+    queryset = Event.objects.filter(name=changes.MODEL_EVENT, topic=changes.model_topic(group), position__gt=seen)
+    plan = queryset.order_by("-position").values_list("position", "data")[:1].explain()
+    assert "realtime_event_change_idx" in plan, plan
