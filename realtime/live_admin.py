@@ -34,22 +34,36 @@ from typing import Any
 from django import forms
 from django.contrib.admin import ModelAdmin
 from django.contrib.admin.sites import AdminSite, all_sites
+from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import ValidationError
 from django.db.models import Model
 from django.db.models.base import ModelBase
 from django.http import HttpRequest
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.formats import time_format
+from django.utils.text import capfirst
 
 from realtime import changes
 from realtime.conf import settings
 from realtime.presence import online_connections
 
-__all__ = ["OVERWRITE_FIELD", "SEEN_FIELD", "enabled_for", "install", "others_here", "page_state", "seen_position"]
+__all__ = [
+    "OVERWRITE_FIELD",
+    "PK_PLACEHOLDER",
+    "SEEN_FIELD",
+    "enabled_for",
+    "install",
+    "others_here",
+    "page_state",
+    "seen_position",
+]
 
 SEEN_FIELD = "_realtime_seen"
 OVERWRITE_FIELD = "_realtime_overwrite"
 _MAX_POSITION = 2**63 - 1
+# Stands for an object's quoted primary key in a change list's change_url (no character admin's quote() escapes).
+PK_PLACEHOLDER = "realtimepk0"
 
 
 def enabled_for(model_admin: Any) -> bool:
@@ -85,28 +99,64 @@ def _parse_position(text: str) -> int | None:
 
 
 def page_state(context: Any) -> dict[str, Any] | None:
-    """What realtime's admin templates need on a change form, or None on other pages (and when off).
+    """What realtime's admin templates need on a live admin page, or None on other pages (and when off).
 
-    Keys: ``presence`` (whether ``PRESENCE_TOPICS`` announces the object's
-    topic), ``present`` (:func:`others_here`), ``me`` (the user's id),
-    ``topic`` (the object's), ``topics`` (the client's), ``last_id`` (the event id the page was
-    rendered at), ``model`` (``app_label.model_name``), ``pk`` (text),
-    ``url`` (this change form), ``seen`` (the hidden field's value).
+    Computed once per request. Every state has ``kind`` (``"form"``, ``"list"``,
+    ``"index"`` or ``"history"``), ``me`` (the user's id), ``topics`` (the
+    client's subscriptions) and ``last_id`` (the event id the page was
+    rendered at, one query: what is committed after it is replayed). Besides:
+
+    - ``"form"``, a change form: ``presence`` (whether ``PRESENCE_TOPICS``
+      announces the object's topic), ``present`` (:func:`others_here`),
+      ``topic`` (the object's), ``model`` (``app_label.model_name``), ``pk``
+      (text), ``url`` (this change form), ``seen`` (the hidden field's value);
+    - ``"list"``, a change list: ``presence``, ``present``, ``topic`` (the
+      model's), ``model``, ``change_url`` (an object's change form, with
+      :data:`PK_PLACEHOLDER` where its quoted primary key goes);
+    - ``"history"``, an object's history page: ``model``, ``pk``;
+    - ``"index"``, the admin's index: ``models``, the verbose names of the
+      live models on it by ``app_label.model_name``.
     """
-    adminform = context.get("adminform")
-    original = context.get("original")
     request = context.get("request")
-    if adminform is None or original is None or request is None or not context.get("change"):
+    if request is None or not settings.MODEL_CHANGES:
+        return None
+    if hasattr(request, "_realtime_page"):
+        cached: dict[str, Any] | None = request._realtime_page
+        return cached
+    state: dict[str, Any] | None = None
+    if context.get("adminform") is not None:
+        state = _form_state(context, request)
+    elif isinstance(context.get("cl"), ChangeList):
+        state = _list_state(context["cl"], request)
+    else:
+        url_name = getattr(getattr(request, "resolver_match", None), "url_name", None) or ""
+        obj = context.get("object")
+        if url_name.endswith("_history") and isinstance(obj, Model) and "action_list" in context:
+            state = _history_state(obj, request)
+        elif url_name == "index" and isinstance(context.get("app_list"), list):
+            state = _index_state(context["app_list"], request)
+    request._realtime_page = state
+    return state
+
+
+def _presence(topic: str, me: Any) -> dict[str, Any]:
+    announced = any(fnmatchcase(topic, pattern) for pattern in settings.PRESENCE_TOPICS)
+    return {"presence": announced, "present": others_here(topic, me) if announced else []}
+
+
+def _form_state(context: Any, request: HttpRequest) -> dict[str, Any] | None:
+    adminform = context["adminform"]
+    original = context.get("original")
+    if original is None or not context.get("change"):
         return None
     model_admin = getattr(adminform, "model_admin", None)
     if not isinstance(original, Model) or not enabled_for(model_admin) or not changes.admin_tracks(type(original)):
         return None
     seen = seen_position(request)  # before presence: what joins or leaves after it is replayed
     topic = changes.model_topic(original)
-    announced = any(fnmatchcase(topic, pattern) for pattern in settings.PRESENCE_TOPICS)
     return {
-        "presence": announced,
-        "present": others_here(topic, request.user.pk) if announced else [],
+        "kind": "form",
+        **_presence(topic, request.user.pk),
         "me": request.user.pk,
         "topic": topic,
         "topics": [topic],
@@ -115,6 +165,60 @@ def page_state(context: Any) -> dict[str, Any] | None:
         "pk": str(original.pk),
         "url": request.path,
         "seen": "" if seen is None else str(seen),
+    }
+
+
+def _list_state(cl: ChangeList, request: HttpRequest) -> dict[str, Any] | None:
+    model = cl.model
+    if not enabled_for(cl.model_admin) or not changes.admin_tracks(model):
+        return None
+    position = changes.newest_position()  # before presence, as on the form
+    topic = changes.model_topic(model)
+    opts = model._meta
+    change_url = reverse(
+        f"{cl.model_admin.admin_site.name}:{opts.app_label}_{opts.model_name}_change", args=(PK_PLACEHOLDER,)
+    )
+    return {
+        "kind": "list",
+        **_presence(topic, request.user.pk),
+        "me": request.user.pk,
+        "topic": topic,
+        "topics": [topic],
+        "last_id": position,
+        "model": opts.label_lower,
+        "change_url": change_url,
+    }
+
+
+def _history_state(obj: Model, request: HttpRequest) -> dict[str, Any] | None:
+    if not changes.admin_tracks(type(obj)):
+        return None
+    # admin.logentry events go to those who may view the model, without a topic.
+    return {
+        "kind": "history",
+        "me": request.user.pk,
+        "topics": [],
+        "last_id": changes.newest_position(),
+        "model": type(obj)._meta.label_lower,
+        "pk": str(obj.pk),
+    }
+
+
+def _index_state(app_list: list[dict[str, Any]], request: HttpRequest) -> dict[str, Any] | None:
+    models: dict[str, str] = {}
+    for app in app_list:
+        for entry in app.get("models", ()):
+            model = entry.get("model")
+            if isinstance(model, type) and issubclass(model, Model) and changes.admin_tracks(model):
+                models[model._meta.label_lower] = capfirst(str(model._meta.verbose_name)) or ""
+    if not models:
+        return None
+    return {
+        "kind": "index",
+        "me": request.user.pk,
+        "topics": [],
+        "last_id": changes.newest_position(),
+        "models": models,
     }
 
 

@@ -1,4 +1,8 @@
-"""What the live admin costs a page: no query per change-list row, one query per change form.
+"""What the live admin costs a page: no query per change-list row, one query per live page.
+
+The change form, the change list, the index and an object's history page each read the newest
+event id once (the page's client replays what was committed after it); with ``PRESENCE_TOPICS``
+announcing model topics, the change form and the change list read who else is there (one more).
 
 ``REALTIME_MEASURE_ADMIN=1`` also measures, in one run, the time of 200 change-list and 200
 change-form requests (Django's test client, in process) with the feature on and off, interleaved,
@@ -23,9 +27,10 @@ pytestmark = pytest.mark.django_db
 
 ON = {"MODEL_CHANGES": True}
 OFF = {"MODEL_CHANGES": False}
+PRESENCE = {"MODEL_CHANGES": True, "PRESENCE_TOPICS": ["model:*"]}
 
 
-def queries(client, url: str, realtime: dict[str, bool]) -> int:
+def queries(client, url: str, realtime: dict[str, object]) -> int:
     with override_settings(REALTIME=realtime), CaptureQueriesContext(connection) as captured:
         response = client.get(url)
     assert response.status_code == 200
@@ -39,15 +44,38 @@ def make_groups(count: int) -> None:
 
 
 def test_change_list_costs_no_query_per_row():
-    """The change list makes as many queries for 40 rows as for 4, and as many with the feature as without."""
+    """The live change list makes as many queries for 40 rows as for 4: one more than without the feature,
+    two with presence (who else is here)."""
     client = logged_in(make_user("root", staff=True, superuser=True))
     make_groups(4)
-    queries(client, "/admin/auth/group/", OFF)  # warms Django's content type cache
-    few = queries(client, "/admin/auth/group/", ON)
+    url = "/admin/auth/group/"
+    queries(client, url, OFF)  # warms Django's content type cache
+    few = {name: queries(client, url, setting) for name, setting in (("on", ON), ("presence", PRESENCE))}
     make_groups(40)
-    many = queries(client, "/admin/auth/group/", ON)
+    many = {name: queries(client, url, setting) for name, setting in (("on", ON), ("presence", PRESENCE))}
     assert many == few
-    assert queries(client, "/admin/auth/group/", OFF) == many
+    off = queries(client, url, OFF)
+    assert many == {"on": off + 1, "presence": off + 2}
+    assert b'id="realtime-admin-page"' in client.get(url).content
+
+
+def test_index_and_history_cost_one_query():
+    """The index (Recent actions) and an object's history page read the newest event id once, nothing per entry."""
+    from django.contrib.admin.models import CHANGE, LogEntry
+
+    root = make_user("root", staff=True, superuser=True)
+    client = logged_in(root)
+    make_groups(1)
+    group = Group.objects.get()
+    history = f"/admin/auth/group/{group.pk}/history/"
+    LogEntry.objects.log_actions(root.pk, [group], CHANGE, change_message="first", single_object=True)
+    for url in ("/admin/", history):
+        queries(client, url, OFF)  # warms caches
+        assert queries(client, url, ON) == queries(client, url, OFF) + 1, url
+    few = queries(client, history, ON)
+    for n in range(30):
+        LogEntry.objects.log_actions(root.pk, [group], CHANGE, change_message=f"change {n}", single_object=True)
+    assert queries(client, history, ON) == few
 
 
 def test_change_form_costs_one_query():
@@ -64,8 +92,11 @@ def test_measure_page_load_with_and_without(capsys):
     """Print the time of 200 requests per page and setting (interleaved rounds of 10)."""
     client = logged_in(make_user("root", staff=True, superuser=True))
     make_groups(100)
+    first = Group.objects.order_by("pk").first().pk
     pages = {"change list (100 rows)": "/admin/auth/group/"}
-    pages["change form"] = f"/admin/auth/group/{Group.objects.order_by('pk').first().pk}/change/"
+    pages["change form"] = f"/admin/auth/group/{first}/change/"
+    pages["index"] = "/admin/"
+    pages["history"] = f"/admin/auth/group/{first}/history/"
     samples: dict[tuple[str, str], list[float]] = {(p, s): [] for p in pages for s in ("on", "off")}
     for url in pages.values():  # warm up templates and caches
         for realtime in (ON, OFF):
