@@ -51,6 +51,12 @@ class Metrics:
             "realtime_gc_full_collections", "Full (generation 2) garbage collections so far.", registry=r
         )
         self.full_collections.set_function(lambda: gc.get_stats()[2]["collections"])
+        self.gc_pause = Histogram(
+            "realtime_gc_pause_seconds",
+            "Pauses of the worker's periodic full garbage collection (realtime.worker.memory).",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+            registry=r,
+        )
         self.registry_keys = Gauge(
             "realtime_registry_keys",
             "Keys in the registry's indexes (user, group, permission, topic, session).",

@@ -45,7 +45,7 @@ from realtime.worker.handshake import allowed_origins, format_address
 from realtime.worker.limits import BACKLOG, connection_limit, guarded_connection, reserved_files
 from realtime.worker.listener import Listener
 from realtime.worker.logs import log_to_stderr_unless_configured
-from realtime.worker.memory import return_freed_memory_to_os, tune_garbage_collector
+from realtime.worker.memory import collect_garbage_forever, return_freed_memory_to_os, tune_garbage_collector
 from realtime.worker.metrics import Metrics
 from realtime.worker.presence import PresenceTracker
 from realtime.worker.registry import Registry
@@ -172,6 +172,7 @@ class Worker:
             asyncio.create_task(self._prune_forever(), name="realtime-pruner"),
             asyncio.create_task(self.control.revalidate_forever(), name="realtime-revalidate"),
             asyncio.create_task(self.presence.run(), name="realtime-presence"),
+            asyncio.create_task(collect_garbage_forever(self.metrics.gc_pause.observe), name="realtime-gc"),
         ]
         options: dict[str, Any] = {
             "process_request": self.process_request,
