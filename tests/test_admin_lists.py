@@ -8,6 +8,7 @@ tests/test_browser.py does.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -110,7 +111,10 @@ def test_change_list_marks_others_changes_and_keeps_filters_and_selection(realti
     assert alice.evaluate("window.__notReloaded") is True
     assert alice.is_checked(f"input.action-select[value='{groups['Day shift']}']")
     assert "selected" in day.get_attribute("class")
-    assert alice.inner_text(f"#result_list tr:has(input[value='{groups['Night shift']}']) th") == "Night shift"
+    assert re.fullmatch(r"Night shift changed by editor at \d\d:\d\d", night.locator("th").inner_text().strip())
+    assert re.fullmatch(r"Late shift deleted by editor at \d\d:\d\d", late.locator("th").inner_text().strip())
+    mark_style = late.evaluate("(tr) => getComputedStyle(tr.querySelector('.realtime-mark')).textDecorationLine")
+    assert mark_style == "none"  # the words are not struck out
     shoot(alice, "admin-list-changes.png")
 
     alice.click("#realtime-list-changes a")
@@ -203,3 +207,69 @@ def test_recent_actions_and_history_update_live(realtime_site, crew, browser):  
     assert history.locator("#change-history tbody tr").count() == 1  # another object's entry
 
     assert_outsider_learned_nothing(outsider, crew["outsider"])
+
+
+def test_without_action_checkboxes_rows_are_found_by_their_link(realtime_site, crew, browser):  # noqa: F811
+    """A ModelAdmin without actions has no checkboxes: the changed row is found by its link to the change form."""
+    from django.contrib import admin
+    from django.contrib.auth.models import Group
+
+    model_admin = admin.site._registry[Group]
+    model_admin.actions = None  # read by the live server's thread on the next request
+    try:
+        base = realtime_site.url
+        alice = login(browser, base, "alice")
+        alice.goto(f"{base}/admin/auth/group/?q=night")
+        wait_open(alice)
+        assert alice.query_selector("input.action-select") is None
+        rename(login(browser, base, "editor"), base, crew["groups"]["Night shift"], "Night shift (link)")
+        changed = alice.wait_for_selector("#result_list tr.realtime-changed", timeout=WAIT)
+        assert re.fullmatch(r"Night shift changed by editor at \d\d:\d\d", changed.inner_text().strip())
+    finally:
+        del model_admin.actions
+
+
+def page_state(client, url: str) -> dict | None:
+    """The live state a page was rendered with, or None."""
+    response = client.get(url)
+    assert response.status_code == 200
+    match = re.search(rb'<script id="realtime-admin-page" type="application/json">(.*?)</script>', response.content)
+    return None if match is None else json.loads(match.group(1))
+
+
+def test_pages_are_live_only_where_allowed(settings):
+    """Change list, index and history carry their live state; an opted-out ModelAdmin, MODEL_CHANGES off,
+    an anonymous user and a model the user may not see get none of it."""
+    from django.contrib import admin
+    from django.contrib.auth.models import Group
+
+    from tests.helpers import logged_in, make_user
+
+    group = Group.objects.create(name="Night shift")
+    alice = logged_in(make_user("alice", staff=True, perms=(*GROUP_PERMS, "auth.view_user")))
+    lists = page_state(alice, "/admin/auth/group/")
+    assert lists["kind"] == "list" and lists["topics"] == ["model:auth.group"] and lists["presence"] is False
+    assert lists["change_url"] == "/admin/auth/group/realtimepk0/change/"
+    assert isinstance(lists["last_id"], int)
+    index = page_state(alice, "/admin/")
+    assert index["kind"] == "index" and index["models"] == {"auth.group": "Group", "auth.user": "User"}
+    assert index["topics"] == []
+    history = page_state(alice, f"/admin/auth/group/{group.pk}/history/")
+    assert history == {**history, "kind": "history", "model": "auth.group", "pk": str(group.pk), "topics": []}
+
+    outsider = logged_in(make_user("outsider", staff=True, perms=("auth.view_user",)))
+    assert page_state(outsider, "/admin/")["models"] == {"auth.user": "User"}
+    assert outsider.get("/admin/auth/group/").status_code == 403
+
+    model_admin = admin.site._registry[Group]
+    model_admin.realtime_changes = False  # type: ignore[attr-defined]
+    try:
+        assert page_state(alice, "/admin/auth/group/") is None
+        assert page_state(alice, f"/admin/auth/group/{group.pk}/history/") is None
+        assert page_state(alice, "/admin/")["models"] == {"auth.user": "User"}
+    finally:
+        del model_admin.realtime_changes  # type: ignore[attr-defined]
+
+    settings.REALTIME = {"MODEL_CHANGES": False}
+    for url in ("/admin/auth/group/", "/admin/", f"/admin/auth/group/{group.pk}/history/"):
+        assert page_state(alice, url) is None, url

@@ -195,8 +195,17 @@
         const deleted = data.action === "deleted";
         tr.classList.add(deleted ? "realtime-deleted" : "realtime-changed");
         if (deleted) tr.classList.remove("realtime-changed");
-        tr.title = `${deleted ? "Deleted" : "Changed"} by ${who}${when ? ` at ${when}` : ""}`;
+        const what = `${deleted ? "Deleted" : "Changed"} by ${who}${when ? ` at ${when}` : ""}`;
+        tr.title = what;
         tr.dataset.realtimeAction = data.action;
+        // Said in words too: the highlight alone looks like a selected row, and says nothing to a screen reader.
+        let mark = tr.querySelector(".realtime-mark");
+        if (!mark) {
+          mark = element("span", undefined, "realtime-mark");
+          (tr.querySelector("th") || tr.cells[tr.cells.length - 1]).append(" ", mark);
+        }
+        mark.textContent = `${deleted ? "deleted" : "changed"} by ${who}`;
+        if (when) mark.textContent += ` at ${when}`;
       }
       count += 1;
       const item = notice("realtime-list-changes", "status", (ul) => (list() ? list().before(ul) : false));
