@@ -250,11 +250,48 @@ class _Conn(asyncio.Protocol):
         self.transport.abort()
 
 
-class _ClientProcess:
+class CommandLoop:
+    """Serves a coordinator's commands in an agent process: ``(name, args)`` over ``pipe`` runs
+    ``await self.cmd_<name>(**args)`` and answers ``("ok", result)`` or ``("error", text)``;
+    ``("exit", {})`` or a closed pipe ends :meth:`serve_commands`."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.commands: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+
+    def describe_error(self, exc: Exception) -> str:
+        """The text the coordinator gets for a command that raised ``exc`` (it raises it)."""
+        return f"{type(exc).__name__}: {exc}"
+
+    async def serve_commands(self) -> None:
+        """Run commands one at a time, in order, until "exit"."""
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.pipe.fileno(), self._readable)
+        while True:
+            name, args = await self.commands.get()
+            if name == "exit":
+                return
+            try:
+                result = await getattr(self, "cmd_" + name)(**args)
+            except Exception as exc:
+                self.pipe.send(("error", self.describe_error(exc)))
+            else:
+                self.pipe.send(("ok", result))
+
+    def _readable(self) -> None:
+        try:
+            message = self.pipe.recv()
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(self.pipe.fileno())
+            message = ("exit", {})
+        self.commands.put_nowait(message)
+
+
+class _ClientProcess(CommandLoop):
     """The state and commands of one client process (runs in that process)."""
 
     def __init__(self, pipe: Any, host: str, origin: str, offer_deflate: bool) -> None:
-        self.pipe = pipe
+        super().__init__(pipe)
         self.host = host
         self.origin = origin
         self.offer_deflate = offer_deflate
@@ -263,7 +300,6 @@ class _ClientProcess:
         self.deflate = 0
         self.closing = False
         self.server_closed: Counter[int] = Counter()
-        self.commands: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         self.set_mode("idle")
 
     # Recording modes: "fanout" (per k: connections that got it, first and last time; a second
@@ -322,29 +358,10 @@ class _ClientProcess:
     # The command loop.
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.pipe.fileno(), self._readable)
-        while True:
-            name, args = await self.commands.get()
-            if name == "exit":
-                break
-            try:
-                result = await getattr(self, "cmd_" + name)(**args)
-            except Exception as exc:  # reported to the coordinator, which raises
-                self.pipe.send(("error", f"{type(exc).__name__}: {exc}"))
-            else:
-                self.pipe.send(("ok", result))
+        await self.serve_commands()
         self.closing = True
         for conn in list(self.conns):
             conn.transport.abort()
-
-    def _readable(self) -> None:
-        try:
-            message = self.pipe.recv()
-        except (EOFError, OSError):
-            asyncio.get_running_loop().remove_reader(self.pipe.fileno())
-            message = ("exit", {})
-        self.commands.put_nowait(message)
 
     def _snapshot(self) -> dict[str, Any]:
         return {

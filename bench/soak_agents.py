@@ -53,7 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.loadclient import IP_BIND_ADDRESS_NO_PORT, ORIGIN, _client_frame, raise_nofile_limit
+from bench.loadclient import IP_BIND_ADDRESS_NO_PORT, ORIGIN, CommandLoop, _client_frame, raise_nofile_limit
 
 __all__ = [
     "AgentConfig",
@@ -570,11 +570,11 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return fp
 
 
-class _Agent:
+class _Agent(CommandLoop):
     """The state and command loop of one client agent process."""
 
     def __init__(self, pipe: Any, config: AgentConfig) -> None:
-        self.pipe = pipe
+        super().__init__(pipe)
         self.config = config
         self.stopping = False
         self.quiesced = False
@@ -591,7 +591,9 @@ class _Agent:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.tab_tasks: set[asyncio.Task[Any]] = set()
         self.threads = ThreadPoolExecutor(8, thread_name_prefix="soak-http")
-        self.commands: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+
+    def describe_error(self, exc: Exception) -> str:
+        return traceback.format_exc()  # the soak's log keeps the whole story
 
     def spawn(self, coroutine: Any, *, tab: bool = False) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -822,18 +824,7 @@ class _Agent:
         return {"tabs": [tab.result() for tab in self.tabs], "churn": self.churn, **self.status()}
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.pipe.fileno(), self._readable)
-        while True:
-            name, args = await self.commands.get()
-            if name == "exit":
-                break
-            try:
-                result = await getattr(self, "cmd_" + name)(**args)
-            except Exception:
-                self.pipe.send(("error", traceback.format_exc()))
-            else:
-                self.pipe.send(("ok", result))
+        await self.serve_commands()
         self.stopping = True
         for tab in self.tabs:
             if tab.ws is not None:
@@ -842,14 +833,6 @@ class _Agent:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.threads.shutdown(wait=False, cancel_futures=True)
-
-    def _readable(self) -> None:
-        try:
-            message = self.pipe.recv()
-        except (EOFError, OSError):
-            asyncio.get_running_loop().remove_reader(self.pipe.fileno())
-            message = ("exit", {})
-        self.commands.put_nowait(message)
 
 
 def _to_log(path: str) -> None:
