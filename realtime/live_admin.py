@@ -1,4 +1,4 @@
-"""The live admin: model change events for every registered model, and edit conflicts on change forms.
+"""The live admin: model change events for every registered model, edit conflicts, lists that keep up.
 
 ``install()`` (from ``RealtimeConfig.ready()``) hooks three public seams of
 ``django.contrib.admin``, so that any registered ``ModelAdmin`` works with no
@@ -17,8 +17,15 @@ change to it:
   is refused with a form error, unless the user ticks "Save anyway"
   (``_realtime_overwrite``). An optimistic check, not a lock.
 
-When ``PRESENCE_TOPICS`` announces model topics (``["model:*"]``), a change
-form also shows who else has the object open, and since when.
+The admin's pages are made live by realtime's templates and
+``static/realtime/admin-live.js``, from the state :func:`page_state` decides
+once per request: a change form shows a notice when someone else saves or
+deletes its object; a change list marks the rows others changed or deleted
+since it was rendered and counts the changes; the index's Recent actions
+and an object's history page add others' log entries (``admin.logentry``
+events). When ``PRESENCE_TOPICS`` announces model topics (``["model:*"]``),
+change forms and change lists also show who else has the same object or
+list open, and since when.
 
 A ``ModelAdmin`` with ``realtime_changes = False``, or
 ``REALTIME["MODEL_CHANGES"] = False``, turns all of it off.
