@@ -59,6 +59,8 @@ __all__ = [
     "admin_tracks",
     "changed_since",
     "current_actor",
+    "decided_per_object",
+    "decides_per_object",
     "is_tracked",
     "model_topic",
     "newest_position",
@@ -127,11 +129,40 @@ def admin_tracks(model: type[Model]) -> bool:
         return False
     from django.contrib.admin.sites import all_sites
 
+    if decided_per_object(model):
+        return False
     for site in all_sites:
         model_admin = site._registry.get(model)
         if model_admin is not None and getattr(model_admin, "realtime_changes", True) is not False:
             return True
     return False
+
+
+def decides_per_object(model_admin: Any) -> bool:
+    """Return True if ``model_admin`` overrides ``has_view_permission`` or ``has_change_permission``.
+
+    Its own code then decides who may see each object, which realtime does
+    not evaluate: the model's permissions would let others learn of objects
+    the admin hides from them. So the live admin leaves such a model alone
+    (:func:`admin_tracks` is False) and its ``admin.logentry`` events reach
+    only the user who acted.
+    """
+    from django.contrib.admin import ModelAdmin
+
+    cls = type(model_admin)
+    return (
+        cls.has_view_permission is not ModelAdmin.has_view_permission
+        or cls.has_change_permission is not ModelAdmin.has_change_permission
+    )
+
+
+def decided_per_object(model: type[Model]) -> bool:
+    """Return True if any admin site registers ``model`` with a ModelAdmin that :func:`decides_per_object`."""
+    if not apps.is_installed("django.contrib.admin"):
+        return False
+    from django.contrib.admin.sites import all_sites
+
+    return any(decides_per_object(site._registry[model]) for site in all_sites if model in site._registry)
 
 
 @contextlib.contextmanager

@@ -74,8 +74,13 @@ PK_PLACEHOLDER = "realtimepk0"
 
 
 def enabled_for(model_admin: Any) -> bool:
-    """Return True if the live admin serves ``model_admin`` (setting on, not opted out)."""
-    return bool(settings.MODEL_CHANGES) and getattr(model_admin, "realtime_changes", True) is not False
+    """Return True if the live admin serves ``model_admin``: setting on, not opted out, and not a
+    ModelAdmin whose own code decides who may see each object (:func:`realtime.changes.decides_per_object`)."""
+    return (
+        bool(settings.MODEL_CHANGES)
+        and getattr(model_admin, "realtime_changes", True) is not False
+        and not changes.decides_per_object(model_admin)
+    )
 
 
 def seen_position(request: HttpRequest) -> int | None:

@@ -24,8 +24,9 @@ from django.contrib.auth.models import Group, Permission
 from django.contrib.auth.signals import user_logged_out
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete
 
+from realtime.changes import decided_per_object
 from realtime.core.audience import digest
-from realtime.outbox import publish_audience, publish_control
+from realtime.outbox import publish, publish_audience, publish_control
 
 __all__ = ["ADMIN_EVENT", "admin_event_data", "connect"]
 
@@ -50,12 +51,20 @@ def admin_event_data(entry: LogEntry) -> dict[str, Any]:
 
 
 def publish_log_entry(entry: LogEntry) -> None:
-    """Publish ``entry`` to active staff who may view or change its model."""
+    """Publish ``entry`` to active staff who may view or change its model.
+
+    When a ModelAdmin of the model decides who may see each object
+    (:func:`realtime.changes.decided_per_object`), only to the user who acted.
+    """
     content_type = entry.content_type
     if content_type is None:
         # The model is gone; those who may read the admin log still may.
         permissions = ["admin.view_logentry"]
     else:
+        model_class = content_type.model_class()
+        if model_class is not None and decided_per_object(model_class):
+            publish(ADMIN_EVENT, admin_event_data(entry), users=[entry.user_id])
+            return
         app, model = content_type.app_label, content_type.model
         permissions = [f"{app}.view_{model}", f"{app}.change_{model}"]
     publish_audience(ADMIN_EVENT, admin_event_data(entry), permissions=permissions, staff_only=True)
