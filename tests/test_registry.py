@@ -195,6 +195,10 @@ def test_remove_drops_every_index_entry_and_is_idempotent():
     ]
     for audience in audiences:
         assert recipients(registry, **audience) == [stays], audience
+    # user 2, group red, permission, topic t, session s: user 1's own key went with it.
+    assert registry.index_keys() == 5
+    registry.remove(stays)
+    assert registry.index_keys() == 0  # nothing keyed by clients that have left
 
 
 def test_removing_a_superuser_forgets_it_for_every_permission():

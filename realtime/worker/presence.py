@@ -129,6 +129,10 @@ class PresenceTracker:
         self._written: dict[str, _Connection] = {}
         self._inflight: asyncio.Future[dict[str, _Connection]] | None = None
 
+    def sizes(self) -> tuple[int, int]:
+        """Return how many connections this tracker holds live (in memory) and written (in the database)."""
+        return len(self._live), len(self._written)
+
     # Hooks for the connection handler (no I/O).
 
     def joined(self, client: Client) -> None:

@@ -109,6 +109,15 @@ class Registry:
     def __len__(self) -> int:
         return len(self.clients)
 
+    def index_keys(self) -> int:
+        """Return the keys of the indexes (users, groups, permissions, topics, sessions).
+
+        Each key goes with the last client it indexes, so this follows the
+        clients' variety, never the history of connections (a metric).
+        """
+        indexes = (self._by_user, self._by_group, self._by_permission, self._by_topic, self._by_session)
+        return sum(len(index) for index in indexes)
+
     def add(self, client: Client, topics: Iterable[str] = ()) -> None:
         """Index ``client`` under its identity, subscribed to ``topics``."""
         self.clients[client] = None

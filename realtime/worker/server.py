@@ -136,10 +136,10 @@ class Worker:
         self.metrics.listener_up.set_function(lambda: 1 if self.listener.ready else 0)
         self.metrics.connections.set_function(lambda: len(self.registry))
         self.metrics.worker.info({"name": name, "pid": str(os.getpid())})
-        self.metrics.registry_keys.set_function(lambda: _registry_keys(self.registry))
-        # The tracker has no public size: these read its two maps, at scrape time, in the loop.
-        self.metrics.presence.labels("live").set_function(lambda: len(self.presence._live))
-        self.metrics.presence.labels("written").set_function(lambda: len(self.presence._written))
+        self.metrics.registry_keys.set_function(self.registry.index_keys)
+        # Read at scrape time, in the loop's thread.
+        self.metrics.presence.labels("live").set_function(lambda: self.presence.sizes()[0])
+        self.metrics.presence.labels("written").set_function(lambda: self.presence.sizes()[1])
         self.max_connections = settings.MAX_CONNECTIONS
         self.server: Server | None = None
 
@@ -272,9 +272,3 @@ class Worker:
             # not say where the client stands.
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "starting, try again\n")
         return None
-
-
-def _registry_keys(registry: Registry) -> int:
-    """Return the keys of the registry's indexes: each must go when its last client does."""
-    indexes = (registry._by_user, registry._by_group, registry._by_permission, registry._by_topic)
-    return sum(len(index) for index in (*indexes, registry._by_session))
