@@ -149,6 +149,8 @@ def decides_per_object(model_admin: Any) -> bool:
     """
     from django.contrib.admin import ModelAdmin
 
+    if not isinstance(model_admin, ModelAdmin):
+        return False  # not registered (AdminSite.register skips swapped models), or not an admin
     cls = type(model_admin)
     return (
         cls.has_view_permission is not ModelAdmin.has_view_permission

@@ -344,6 +344,7 @@ def test_a_model_admin_that_decides_per_object_is_left_alone():
         def has_view_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
             return obj is None or obj.name.startswith(request.user.username)
 
+    assert not changes.decides_per_object(None)  # a model AdminSite.register skipped (swapped)
     own_site = AdminSite(name="own_groups")
     own_site.register(Group, OwnGroupsOnly)
     root = make_user("root", staff=True, superuser=True)
