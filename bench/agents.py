@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from bench.loadclient import stop_children
+from bench.loadclient import read_answer, stop_children
 
 __all__ = ["AgentPool"]
 
@@ -351,13 +351,7 @@ class AgentPool:
             waiting = [self.pipes[i] for i in indexes if i not in answers]
             for pipe in multiprocessing.connection.wait(waiting, min(remaining, 1.0)):
                 index = self.pipes.index(pipe)
-                try:
-                    status, payload = pipe.recv()
-                except EOFError:
-                    raise RuntimeError(f"publisher agent {index} died") from None
-                if status == "error":
-                    raise RuntimeError(f"publisher agent {index} failed:\n{payload}")
-                answers[index] = payload
+                answers[index] = read_answer(pipe, f"publisher agent {index}")
             if tick is not None:
                 tick()
         return [answers[i] for i in indexes]

@@ -701,6 +701,20 @@ class LoadClient:
         self.placed = 0
 
 
+def read_answer(pipe: Any, name: str) -> Any:
+    """Receive an agent's answer to a command (a :class:`CommandLoop`'s ``("ok", payload)``); return the payload.
+
+    Raises RuntimeError naming agent ``name`` if it died or its command failed.
+    """
+    try:
+        status, payload = pipe.recv()
+    except EOFError:
+        raise RuntimeError(f"{name} died") from None
+    if status == "error":
+        raise RuntimeError(f"{name} failed:\n{payload}")
+    return payload
+
+
 def stop_children(pipes: list[Any], processes: list[Any]) -> None:
     """Ask child processes to exit through their pipes, then terminate, then kill the stragglers."""
     for pipe in pipes:

@@ -59,7 +59,7 @@ from typing import Any
 import psutil  # type: ignore[import-untyped,unused-ignore]
 from psycopg.conninfo import make_conninfo
 
-from bench.loadclient import stop_children
+from bench.loadclient import read_answer, stop_children
 from bench.servers import Server, _http_status, _spawn, _wait, free_port, start_ours
 from bench.soak_agents import AgentConfig, BrowserSpec, ChurnUser, PublisherConfig, TabSpec, client_main, publisher_main
 
@@ -321,13 +321,7 @@ class Agents:
         pipe = self.pipes[index]
         if not pipe.poll(timeout):
             raise TimeoutError(f"{self.processes[index].name}: no answer in {timeout:.0f}s")
-        try:
-            status, payload = pipe.recv()
-        except EOFError:
-            raise RuntimeError(f"{self.processes[index].name} died") from None
-        if status == "error":
-            raise RuntimeError(f"{self.processes[index].name} failed:\n{payload}")
-        return payload
+        return read_answer(pipe, self.processes[index].name)
 
     def call(self, indexes: list[int], name: str, timeout: float = 120.0, **args: Any) -> list[Any]:
         for index in indexes:

@@ -281,6 +281,26 @@ def _auth(token: str, last_id: int | None, topics: tuple[str, ...]) -> str:
     return json.dumps({"type": "auth", "token": token, "last_id": last_id, "topics": list(topics)})
 
 
+async def _open_authenticated(
+    port: int, source: str, receiver: _Receiver, token: str, last_id: int | None, topics: tuple[str, ...]
+) -> tuple[_Ws, int]:
+    """Connect, authenticate and return the socket and its welcome's ``last_id``, within 15 s.
+
+    Raises OSError, ConnectFailed or TimeoutError, after aborting the socket if it was open.
+    """
+    ws: _Ws | None = None
+    try:
+        async with asyncio.timeout(15):
+            ws = await _open(port, source, receiver)
+            await ws.upgraded
+            ws.send_text(_auth(token, last_id, topics))
+            return ws, await asyncio.shield(receiver.welcome)
+    except BaseException:
+        if ws is not None:
+            ws.abort()
+        raise
+
+
 class _Receiver:
     """What one connection received: event ids (checked in order), and the other messages."""
 
@@ -376,15 +396,11 @@ class _Tab(_Recorder):
                 continue
             receiver = _Receiver(self)
             try:
-                async with asyncio.timeout(15):
-                    ws = await _open(agent.config.ws_port, self.spec.source, receiver)
-                    await ws.upgraded
-                    ws.send_text(_auth(token, self.last, self.spec.topics))
-                    welcome = await asyncio.shield(receiver.welcome)
+                ws, welcome = await _open_authenticated(
+                    agent.config.ws_port, self.spec.source, receiver, token, self.last, self.spec.topics
+                )
             except (OSError, ConnectFailed, TimeoutError) as exc:
                 agent.counts[f"tab connect failed: {type(exc).__name__}"] += 1
-                with contextlib.suppress(UnboundLocalError):
-                    ws.abort()
                 continue
             if self.start is None:
                 self.start = welcome
@@ -675,15 +691,9 @@ class _Agent(CommandLoop):
         receiver = _Receiver(record)
         last_id = max(0, self.newest - random.randint(200, 3000)) if mode == "replay" else None
         try:
-            async with asyncio.timeout(15):
-                ws = await _open(port, source, receiver)
-                await ws.upgraded
-                ws.send_text(_auth(token, last_id, user.topics))
-                welcome = await asyncio.shield(receiver.welcome)
+            ws, welcome = await _open_authenticated(port, source, receiver, token, last_id, user.topics)
         except (OSError, ConnectFailed, TimeoutError) as exc:
             self.counts[f"churn {mode} failed: {type(exc).__name__}"] += 1
-            with contextlib.suppress(UnboundLocalError):
-                ws.abort()
             return
         record.last = welcome if last_id is None else last_id
         start = record.last
