@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from tests.test_admin_live import WAIT, in_thread, login, publish_sentinel, shoot, wait_open
+from tests.test_admin_live import WAIT, in_thread, login, open_live, publish_sentinel, shoot, wait_open
 from tests.test_admin_live import presence_site as presence_site  # (fixture)
 from tests.test_browser import browser, realtime_site  # noqa: F401  (fixtures)
 
@@ -66,8 +66,7 @@ def test_change_list_marks_others_changes_and_keeps_filters_and_selection(realti
     groups = crew["groups"]
     list_url = f"{base}/admin/auth/group/?q=shift&o=1"
 
-    outsider = login(browser, base, "outsider")
-    wait_open(outsider)
+    outsider = open_live(browser, base, "outsider")
     outsider.evaluate("window.realtimeAdmin.subscribe('model:auth.group')")
     outsider.wait_for_function("window.__errors.some((e) => e.code === 'forbidden')", timeout=WAIT)
 
@@ -130,9 +129,8 @@ def test_change_list_in_dark_mode_on_a_narrow_screen(realtime_site, crew, browse
     """On a phone-sized screen in dark mode, the banner and a changed row take the admin's dark colours and fit."""
     base = realtime_site.url
     groups = crew["groups"]
-    alice = login(browser, base, "alice", color_scheme="dark", viewport={"width": 390, "height": 844})
-    alice.goto(f"{base}/admin/auth/group/")
-    wait_open(alice)
+    narrow_dark = {"color_scheme": "dark", "viewport": {"width": 390, "height": 844}}
+    alice = open_live(browser, base, "alice", f"{base}/admin/auth/group/", **narrow_dark)
     editor = login(browser, base, "editor")
     rename(editor, base, groups["Night shift"], "Night shift (dark)")
 
@@ -153,12 +151,8 @@ def test_change_list_in_dark_mode_on_a_narrow_screen(realtime_site, crew, browse
 def test_who_else_is_looking_at_the_list(presence_site, crew, browser):  # noqa: F811
     """alice and editor on the groups list each see the other, with since when; the outsider cannot join."""
     base = presence_site.url
-    alice = login(browser, base, "alice")
-    alice.goto(f"{base}/admin/auth/group/")
-    wait_open(alice)
-    editor = login(browser, base, "editor")
-    editor.goto(f"{base}/admin/auth/group/?o=-1")  # the same list, sorted otherwise
-    wait_open(editor)
+    alice = open_live(browser, base, "alice", f"{base}/admin/auth/group/")
+    editor = open_live(browser, base, "editor", f"{base}/admin/auth/group/?o=-1")  # the same list, sorted otherwise
 
     line = alice.wait_for_selector("#realtime-present:not([hidden])", timeout=WAIT)
     assert re.fullmatch(r"Also here: editor since \d\d:\d\d", line.inner_text().strip()), line.inner_text()
@@ -175,14 +169,12 @@ def test_recent_actions_and_history_update_live(realtime_site, crew, browser):  
     alice's own action goes to "My actions"; the outsider's Recent actions stay as they were."""
     base = realtime_site.url
     pk = crew["groups"]["Night shift"]
-    alice = login(browser, base, "alice")  # on the index
-    wait_open(alice)
+    alice = open_live(browser, base, "alice")  # on the index
     assert alice.inner_text("#recent-actions-module p") == "None available"
     history = alice.context.new_page()
     history.goto(f"{base}/admin/auth/group/{pk}/history/")
     wait_open(history)
-    outsider = login(browser, base, "outsider")
-    wait_open(outsider)
+    outsider = open_live(browser, base, "outsider")
 
     editor = login(browser, base, "editor")
     rename(editor, base, pk, "Night shift (renamed)")
@@ -218,9 +210,7 @@ def test_without_action_checkboxes_rows_are_found_by_their_link(realtime_site, c
     model_admin.actions = None  # read by the live server's thread on the next request
     try:
         base = realtime_site.url
-        alice = login(browser, base, "alice")
-        alice.goto(f"{base}/admin/auth/group/?q=night")
-        wait_open(alice)
+        alice = open_live(browser, base, "alice", f"{base}/admin/auth/group/?q=night")
         assert alice.query_selector("input.action-select") is None
         rename(login(browser, base, "editor"), base, crew["groups"]["Night shift"], "Night shift (link)")
         changed = alice.wait_for_selector("#result_list tr.realtime-changed", timeout=WAIT)

@@ -56,6 +56,15 @@ def wait_open(page) -> None:
     page.wait_for_function("window.realtimeAdmin && window.realtimeAdmin.state === 'open'", timeout=WAIT)
 
 
+def open_live(browser, base: str, username: str, url: str | None = None, **context_options):  # noqa: F811
+    """Log ``username`` in, open ``url`` (else stay on the admin index) and wait for its live client."""
+    page = login(browser, base, username, **context_options)
+    if url is not None:
+        page.goto(url)
+    wait_open(page)
+    return page
+
+
 def in_thread(function, *args):
     """Run ORM code outside Playwright's event loop thread."""
     with ThreadPoolExecutor(1) as pool:
@@ -82,14 +91,9 @@ def test_edit_conflict_notice_and_stale_save(realtime_site, people, browser):  #
     base = realtime_site.url
     url = f"{base}/admin/auth/group/{people['group']}/change/"
 
-    alice = login(browser, base, "alice")
-    alice.goto(url)
-    wait_open(alice)
-    editor = login(browser, base, "editor")
-    editor.goto(url)
-    wait_open(editor)
-    outsider = login(browser, base, "outsider")
-    wait_open(outsider)
+    alice = open_live(browser, base, "alice", url)
+    editor = open_live(browser, base, "editor", url)
+    outsider = open_live(browser, base, "outsider")
     # The outsider may not even subscribe to the group's topic.
     outsider.evaluate(f"window.realtimeAdmin.subscribe('model:auth.group:{people['group']}')")
     outsider.wait_for_function("window.__errors.some((e) => e.code === 'forbidden')", timeout=WAIT)
@@ -138,9 +142,7 @@ def test_deletion_notice_in_dark_mode_on_a_narrow_screen(realtime_site, people, 
     """On a phone-sized screen in dark mode, a deletion by another user shows in the form, readable."""
     base = realtime_site.url
     url = f"{base}/admin/auth/group/{people['group']}/change/"
-    alice = login(browser, base, "alice", color_scheme="dark", viewport={"width": 390, "height": 844})
-    alice.goto(url)
-    wait_open(alice)
+    alice = open_live(browser, base, "alice", url, color_scheme="dark", viewport={"width": 390, "height": 844})
     editor = login(browser, base, "editor")
     editor.goto(f"{url.removesuffix('change/')}delete/")
     editor.click("input[type=submit]")
@@ -183,12 +185,8 @@ def test_who_else_is_here(presence_site, people, browser):  # noqa: F811
     """Each of two editors of one group sees the other, with since when; the one who leaves disappears."""
     base = presence_site.url
     url = f"{base}/admin/auth/group/{people['group']}/change/"
-    alice = login(browser, base, "alice")
-    alice.goto(url)
-    wait_open(alice)
-    editor = login(browser, base, "editor")
-    editor.goto(url)
-    wait_open(editor)
+    alice = open_live(browser, base, "alice", url)
+    editor = open_live(browser, base, "editor", url)
 
     line = alice.wait_for_selector("#realtime-present:not([hidden])", timeout=WAIT)
     assert re.fullmatch(r"Also here: editor since \d\d:\d\d", line.inner_text().strip()), line.inner_text()
