@@ -62,7 +62,7 @@ class Listener:
         self.cursor: int | None = None
         self.ready = False
         self.reconnects = 0
-        # Batches delivered from a NOTIFY payload and read from the table (for tests and metrics).
+        # Batches delivered from a NOTIFY payload and read from the table (the tests read them).
         self.from_payload = self.from_table = 0
         self.started = asyncio.Event()
         self._wake = asyncio.Event()
