@@ -4,11 +4,12 @@ This module owns the table: its name, the columns publish() writes (one list
 that makes the INSERT, the COPY and each row), what the workers read of a row
 (the SELECT, and ``row_to_event()``), the NOTIFY channel and the control event
 names. Nothing is sent from here. The outbox lives in the ``default`` database, which
-the workers read: publish inside a transaction on that database. The row becomes visible to the websocket workers
+the workers read (or a streaming replica of it, ``REALTIME["READ_DATABASE"]``): publish inside a transaction
+on that database. The row becomes visible to the websocket workers
 when the caller's transaction commits; a deferred trigger then gives it its
 commit-ordered position and NOTIFYs the ``realtime`` channel. The payload
 carries the transaction's events when they fit (see :func:`payload_events`),
-else it is empty: either way the table stays the record, and a worker reads it
+else the transaction's last position: either way the table stays the record, and a worker reads it
 whenever the payload alone cannot prove it has missed nothing. A rollback
 leaves no trace.
 """
@@ -39,6 +40,7 @@ __all__ = [
     "TABLE",
     "USER_CHANGED",
     "payload_events",
+    "payload_position",
     "publish",
     "publish_audience",
     "publish_control",
@@ -48,7 +50,7 @@ __all__ = [
 ]
 
 TABLE = Event._meta.db_table
-# The channel the commit trigger NOTIFYs (an empty payload: a wake-up); migration 0001 names it too.
+# The channel the commit trigger NOTIFYs (see payload_events()); migration 0001 names it too.
 NOTIFY_CHANNEL = "realtime"
 # Control events: for the workers, never sent to a client.
 SESSION_ENDED = "realtime.session_ended"  # {"session": digest of the session key}
@@ -255,14 +257,20 @@ def row_to_event(row: tuple[Any, ...]) -> OutboxEvent | ControlEvent:
 def payload_events(payload: str) -> list[OutboxEvent]:
     """Return the events a NOTIFY payload carries, in order; an empty list for a bare wake-up.
 
-    The commit trigger (migration 0006) sends, for a transaction of at most 16
-    events and no control event whose payload fits in 8,000 bytes, two lines
-    per event: a JSON header ``[position, created, *audience]`` and the wire
-    message, built as ``EVENT_MESSAGE`` builds it. Anything else (a large
-    batch, a control event, a large event) is an empty payload. The events of
-    one payload have consecutive positions.
+    The commit trigger (migrations 0006 and 0008) sends, for a transaction of
+    at most 16 events and no control event whose payload fits in 8,000
+    bytes, two lines per event: a JSON header ``[position, created,
+    *audience]`` and the wire message, built as ``EVENT_MESSAGE`` builds it.
+    Anything else (a large batch, a control event, a large event) is a bare
+    wake-up: one line holding the transaction's last position (see
+    :func:`payload_position`), or an empty payload from before migration 0008.
+    The events of one payload have consecutive positions.
+
+    Raises:
+        ValueError: if the payload is neither form.
     """
-    if not payload:
+    if not payload or "\n" not in payload:
+        payload_position(payload)  # a bare wake-up, or a ValueError
         return []
     lines = payload.split("\n")
     events = []
@@ -270,6 +278,31 @@ def payload_events(payload: str) -> list[OutboxEvent]:
         position, created, *audience = json.loads(header)
         events.append(OutboxEvent(position, message, created, Audience(*audience)))
     return events
+
+
+def payload_position(payload: str) -> int | None:
+    """Return the last position of the transaction a NOTIFY payload announces; None if it does not say.
+
+    A bare wake-up holds it (migration 0008); an events payload's last header
+    starts with it. Only an empty payload (from the trigger of migration 0006)
+    says nothing. Cheap: it decodes no JSON, so the listener calls it on every
+    NOTIFY, read in flight or not.
+
+    Raises:
+        ValueError: if the payload is neither form.
+    """
+    if not payload:
+        return None
+    newline = payload.rfind("\n")
+    if newline == -1:
+        if not (payload.isascii() and payload.isdigit()):
+            raise ValueError(f"a bare NOTIFY payload must be a position, not {payload[:40]!r}")
+        return int(payload)
+    # The last header is the line before the last message: "[position,created,...]".
+    start = payload.rfind("\n", 0, newline) + 1
+    if payload[start] != "[":
+        raise ValueError("the last header of a NOTIFY payload must be a JSON array")
+    return int(payload[start + 1 : payload.index(",", start)])
 
 
 def read_events(

@@ -1,6 +1,6 @@
 """The NOTIFY payload fast path: what the commit trigger sends, and a listener that trusts it only when it may.
 
-The trigger (migration 0006) puts a small transaction's events in its NOTIFY;
+The trigger (migrations 0006 and 0008) puts a small transaction's events in its NOTIFY, else its last position;
 the listener delivers them without reading the table when their first
 position follows its cursor, and reads the table otherwise. These tests hold
 the payload equal to the table, byte for byte, and check that a real
@@ -27,6 +27,7 @@ from realtime.outbox import (
     TABLE,
     USER_CHANGED,
     payload_events,
+    payload_position,
     publish_audience,
     publish_control,
     row_to_event,
@@ -108,11 +109,31 @@ def test_a_small_transaction_is_carried_whole_and_in_order():
     ids=["17-events", "one-large-event", "too-large-together", "with-a-control-event"],
 )
 def test_what_the_payload_cannot_carry_is_a_bare_wake_up(publish_transaction):
-    """More than 16 events, more than 8,000 bytes, or a control event: an empty payload (read the table)."""
+    """More than 16 events, more than 8,000 bytes, or a control event: a bare wake-up (read the table)
+    that names the transaction's last position."""
     with listening() as listener:
         with transaction.atomic():
             publish_transaction()
-        assert next_payload(listener) == ""
+        payload = next_payload(listener)
+    last = table_events(0, 2**62)[-1].position
+    assert payload == str(last)
+    assert payload_events(payload) == []
+    assert payload_position(payload) == last
+
+
+def test_every_payload_names_its_last_position():
+    """payload_position() reads the last position of an events payload without decoding it; a pre-0008 empty
+    payload names none; anything else is refused."""
+    with listening() as listener:
+        with transaction.atomic():
+            publish_many([{"event": "e", "data": {"i": i}, "everyone": True} for i in range(3)])
+        payload = next_payload(listener)
+    assert payload_position(payload) == payload_events(payload)[-1].position
+    assert payload_position("") is None
+    assert payload_events("") == []
+    for junk in ("12a", "\u0661", "x\ny"):
+        with pytest.raises(ValueError):
+            payload_events(junk)
 
 
 @contextlib.contextmanager
