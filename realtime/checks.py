@@ -15,6 +15,7 @@ __all__ = [
     "check_admin_template",
     "check_database",
     "check_origins",
+    "check_read_database",
     "check_session_engine",
     "check_settings",
     "check_topic_policy",
@@ -151,6 +152,40 @@ def check_topic_policy(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
                 f"REALTIME['TOPIC_POLICY'] = {path!r} cannot be used: {exc}.",
                 hint="Point it at a function can_subscribe(user, topic) -> bool, e.g. 'myapp.realtime.can_subscribe'.",
                 id="realtime.E004",
+            )
+        ]
+    return []
+
+
+@checks.register()
+def check_read_database(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """realtime.E006: READ_DATABASE names a PostgreSQL database of ``DATABASES``.
+
+    Not tagged ``database``: whether the alias exists and which engine it has
+    is known without connecting (that it is a replica of ``default`` is not:
+    the worker cannot tell a replica of another database apart).
+    """
+    alias = settings.READ_DATABASE
+    if alias is None:
+        return []
+    if alias not in connections.settings:
+        known = ", ".join(repr(name) for name in connections.settings) or "none"
+        return [
+            checks.Error(
+                f"REALTIME['READ_DATABASE'] = {alias!r} is not a DATABASES alias (the aliases are: {known}).",
+                hint="Add the read-only streaming replica of DATABASES['default'] to DATABASES under this name, "
+                "or set REALTIME['READ_DATABASE'] to None to read the outbox from the primary.",
+                id="realtime.E006",
+            )
+        ]
+    vendor = connections[alias].vendor
+    if vendor != "postgresql":
+        return [
+            checks.Error(
+                f"REALTIME['READ_DATABASE'] = {alias!r} is {vendor}, not PostgreSQL.",
+                hint=f"Point DATABASES[{alias!r}] at a streaming replica of DATABASES['default'] "
+                "(ENGINE 'django.db.backends.postgresql').",
+                id="realtime.E006",
             )
         ]
     return []

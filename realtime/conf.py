@@ -107,6 +107,13 @@ def topic_rules(key: str, value: Any) -> str | None:
     return None
 
 
+def alias_or_none(key: str, value: Any) -> str | None:
+    # Whether the alias exists is system check realtime.E006's to say, with a hint.
+    if value is not None and (not isinstance(value, str) or not value):
+        return f"REALTIME[{key!r}] must be None or a DATABASES alias (a non-empty string), not {value!r}."
+    return None
+
+
 def database_or_none(key: str, value: Any) -> str | None:
     if value is None or (isinstance(value, str) and value in getattr(django_settings, "DATABASES", {})):
         return None
@@ -176,6 +183,10 @@ SETTINGS: dict[str, Setting] = {
     "LISTEN_DATABASE": Setting(
         None, database_or_none, "Database to LISTEN on: None (default), a DATABASES alias or a connection string."
     ),
+    "READ_DATABASE": Setting(
+        None, alias_or_none, "DATABASES alias of a streaming replica the workers read the outbox from (None: primary)."
+    ),
+    "READ_MAX_LAG": Setting(5.0, seconds, "Seconds of replica lag past which /readyz answers 503."),
     "PRESENCE_TOPICS": Setting([], topic_patterns, "Topic patterns whose subscribers get presence.join/leave."),
     "MODEL_CHANGES": Setting(
         True, boolean, "Publish model.change events for tracked models and the admin's live change forms."

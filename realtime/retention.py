@@ -16,7 +16,15 @@ from django.utils import timezone
 
 from realtime.outbox import NEWEST_POSITION, TABLE
 
-__all__ = ["horizon", "newest_position", "prune"]
+__all__ = ["REACHED_POSITION", "horizon", "newest_position", "prune", "reached_position"]
+
+# How far a database (the primary, or a replica that may lag) has got: its newest
+# position, or the retention horizon when higher (pruning may have removed the
+# newest rows). Every position at or below it that still exists is visible.
+# One statement, one snapshot.
+REACHED_POSITION = (
+    f"SELECT greatest(({NEWEST_POSITION}), (SELECT coalesce(max(position), 0) FROM realtime_retention_horizon))"
+)
 
 
 def prune(retention_seconds: int, *, batch_size: int = 5000, using: str = DEFAULT_DB_ALIAS) -> int:
@@ -65,4 +73,16 @@ def newest_position(using: str = DEFAULT_DB_ALIAS) -> int:
     """Return the highest committed position (0 if none) (sync)."""
     with connections[using].cursor() as cursor:
         cursor.execute(NEWEST_POSITION)
+        return int(cursor.fetchone()[0])
+
+
+def reached_position(using: str = DEFAULT_DB_ALIAS) -> int:
+    """Return how far ``using`` has got: its newest position or its retention horizon, whichever is higher (sync).
+
+    On a streaming replica, which shows commits in the primary's commit
+    order, a later query sees every event at or below this position that
+    still exists.
+    """
+    with connections[using].cursor() as cursor:
+        cursor.execute(REACHED_POSITION)
         return int(cursor.fetchone()[0])

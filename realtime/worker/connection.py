@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import Any
 
-from django.db import DatabaseError
+from django.db import DEFAULT_DB_ALIAS, DatabaseError
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -24,16 +24,16 @@ from realtime.core.protocol import MAX_TOPICS, CloseCode
 from realtime.core.ratelimit import KeyedThrottle, TokenBucket
 from realtime.outbox import read_events
 from realtime.worker.control import Control
-from realtime.worker.db import run_sync
+from realtime.worker.db import read_alias, run_sync
 from realtime.worker.fanout import Fanout
 from realtime.worker.handshake import client_ip, throttle_key
-from realtime.worker.listener import Listener
+from realtime.worker.listener import LAG_BACKOFF_MAX, LAG_BACKOFF_MIN, Listener
 from realtime.worker.metrics import Metrics
 from realtime.worker.registry import Client, Registry, State
 from realtime.worker.subscriptions import allowed_topics
 from realtime.worker.verifier import Verifier
 
-__all__ = ["REPLAY_BATCH_BYTES", "REPLAY_QUERIES", "ConnectionHandler"]
+__all__ = ["REPLAY_BATCH_BYTES", "REPLAY_QUERIES", "ConnectionHandler", "ReplicaBehind"]
 
 logger = logging.getLogger("realtime.server")
 
@@ -42,6 +42,10 @@ logger = logging.getLogger("realtime.server")
 REPLAY_QUERIES = 4
 # A replay batch holds at most about this much event data in memory.
 REPLAY_BATCH_BYTES = 1024 * 1024
+
+
+class ReplicaBehind(Exception):
+    """The read replica has not reached the replay's end within ``AUTH_TIMEOUT``: the client should retry."""
 
 
 class ConnectionHandler:
@@ -173,6 +177,11 @@ class ConnectionHandler:
                 logger.warning("%s closed 1013: replay failed, database unavailable: %s", client.remote, exc)
                 await ws.close(CloseCode.TRY_AGAIN_LATER, "database unavailable, try again")
                 return
+            except ReplicaBehind as exc:
+                # Nothing after what was sent is lost: the client resumes from its last id.
+                logger.warning("%s closed 1013: %s", client.remote, exc)
+                await ws.close(CloseCode.TRY_AGAIN_LATER, "database replica behind, try again later")
+                return
         while client.pending:
             position, message = client.pending.popleft()
             client.pending_bytes -= len(message)
@@ -200,17 +209,32 @@ class ConnectionHandler:
         data. ``send()`` waits while the client's socket buffer is full, so a
         client that does not read holds one batch until keepalive closes it.
 
+        The replay reads ``READ_DATABASE`` when set. A replica may not have
+        reached ``start`` (the worker's cursor) yet: the replay first waits
+        until it has, so that a short read means "no more events" and never
+        "not replayed yet", and the horizon it checks is the one at ``start``.
+
         Returns the position up to which the client already has every event
         (its ``last_id`` when it is ahead of this worker), else 0.
+
+        Raises:
+            ReplicaBehind: if the replica has not reached ``start`` within
+                ``AUTH_TIMEOUT`` seconds (nothing was sent).
         """
+        using = read_alias()
         if last_id > start:
-            newest = await self._query(_newest_known_position)
+            newest = await self._query(retention.reached_position, using)
+            if last_id > newest and using != DEFAULT_DB_ALIAS:
+                # A lagging replica is no proof: ask the primary.
+                newest = await self._query(retention.reached_position, DEFAULT_DB_ALIAS)
             if last_id > newest:
                 # A cursor from the future (e.g. another database): start afresh.
                 await self._reset(client, start, "cursor unknown to this database")
                 return 0
             return last_id  # ahead of this worker: another worker sent up to last_id
-        if last_id < await self._query(retention.horizon):
+        if using != DEFAULT_DB_ALIAS:
+            await self._wait_for_replica(using, start)
+        if last_id < await self._query(retention.horizon, using):
             # Events after last_id may have been pruned: replay cannot be exact.
             await self._reset(client, start, "cursor older than retention")
             return 0
@@ -218,7 +242,13 @@ class ConnectionHandler:
         while after < start:
             audience = (AUDIENCE_SQL, audience_sql_params(client.identity, client.topics))
             events = await self._query(
-                read_events, after, start, settings.BATCH_SIZE, audience=audience, max_bytes=REPLAY_BATCH_BYTES
+                read_events,
+                after,
+                start,
+                settings.BATCH_SIZE,
+                audience=audience,
+                max_bytes=REPLAY_BATCH_BYTES,
+                using=using,
             )
             if not events:
                 break
@@ -227,6 +257,23 @@ class ConnectionHandler:
                 await client.ws.send(event.message)
             del events  # not held while waiting for the next batch
         return 0
+
+    async def _wait_for_replica(self, using: str, start: int) -> None:
+        """Return once the replica ``using`` has reached ``start``; raise ReplicaBehind after ``AUTH_TIMEOUT``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.AUTH_TIMEOUT
+        delay = LAG_BACKOFF_MIN
+        while True:
+            reached = await self._query(retention.reached_position, using)
+            if reached >= start:
+                return
+            if loop.time() + delay > deadline:
+                raise ReplicaBehind(
+                    f"the read replica is at position {reached}, the replay ends at {start}: "
+                    f"not reached in {settings.AUTH_TIMEOUT}s"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LAG_BACKOFF_MAX)
 
     async def _query(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a replay query in the thread pool, in one of the replay slots, within ``AUTH_TIMEOUT``."""
@@ -276,7 +323,3 @@ class ConnectionHandler:
         if client.state is not State.CLOSED:
             self.registry.subscribe(client, topic)
         await ws.send(protocol.encode_subscribed(topic, True))
-
-
-def _newest_known_position() -> int:
-    return max(retention.newest_position(), retention.horizon())

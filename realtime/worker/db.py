@@ -5,6 +5,9 @@
 - ``listener_conninfo()`` turns ``DATABASES`` into a libpq string for the
   worker's own psycopg async connections (listener, logins);
   ``listen_conninfo()`` applies ``REALTIME["LISTEN_DATABASE"]``.
+- ``read_alias()`` and ``read_conninfo()`` name the database the worker reads
+  the outbox from: ``REALTIME["READ_DATABASE"]``, a streaming replica, or the
+  primary when it is None.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from realtime.conf import settings
 
-__all__ = ["listen_conninfo", "listener_conninfo", "prepare_threshold", "run_sync"]
+__all__ = ["listen_conninfo", "listener_conninfo", "prepare_threshold", "read_alias", "read_conninfo", "run_sync"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -62,6 +65,22 @@ def listen_conninfo() -> str:
         return listener_conninfo(target or DEFAULT_DB_ALIAS)
     params: dict[str, Any] = {"application_name": "realtime-listener", **_KEEPALIVES, **conninfo_to_dict(target)}
     return make_conninfo(**params)
+
+
+def read_alias() -> str:
+    """Return the ``DATABASES`` alias client replays read the outbox from: ``READ_DATABASE``, else ``default``."""
+    alias: str = settings.READ_DATABASE or DEFAULT_DB_ALIAS
+    return alias
+
+
+def read_conninfo() -> str | None:
+    """Return the libpq string of the listener's reading connection on ``READ_DATABASE``; None to read the primary.
+
+    The replica is only read: LISTEN and every write stay on the primary.
+    """
+    if settings.READ_DATABASE is None:
+        return None
+    return listener_conninfo(settings.READ_DATABASE)
 
 
 def prepare_threshold(using: str = DEFAULT_DB_ALIAS) -> int | None:

@@ -29,6 +29,19 @@ class Metrics:
             "realtime_slow_clients_closed", "Clients closed with 1013 for not keeping up.", registry=r
         )
         self.listener_up = Gauge("realtime_listener_up", "1 while the LISTEN connection is up.", registry=r)
+        # Set with set_function() to the listener's lag_seconds() and lag_positions(): with
+        # REALTIME["READ_DATABASE"] the replica's lag as this worker feels it, else the primary's (about 0).
+        self.replica_lag = Gauge(
+            "realtime_replica_lag_seconds",
+            "How long the oldest position known to be committed has waited to be read from the read database"
+            " (0 when caught up).",
+            registry=r,
+        )
+        self.replica_lag_positions = Gauge(
+            "realtime_replica_lag_positions",
+            "Positions known to be committed that the read database has not shown yet.",
+            registry=r,
+        )
         self.lag = Histogram(
             "realtime_commit_to_send_seconds",
             "Time from publish to send, per event.",

@@ -10,7 +10,8 @@ One :class:`Worker` per process puts together:
 - a websockets server whose handler is a
   :class:`~realtime.worker.connection.ConnectionHandler`, and whose
   ``process_request`` answers ``GET /healthz`` (200 while the process serves),
-  ``GET /readyz`` (200 while the listener is connected, else 503) and
+  ``GET /readyz`` (200 while the listener is connected and its read database lags
+  by at most ``READ_MAX_LAG`` seconds, else 503) and
   ``GET /metrics`` (Prometheus text).
 
 :func:`serve_forever` is a worker process's main, for ``runwebsockets`` and its supervisor.
@@ -134,6 +135,8 @@ class Worker:
             metrics=self.metrics,
         )
         self.metrics.listener_up.set_function(lambda: 1 if self.listener.ready else 0)
+        self.metrics.replica_lag.set_function(self.listener.lag_seconds)
+        self.metrics.replica_lag_positions.set_function(self.listener.lag_positions)
         self.metrics.connections.set_function(lambda: len(self.registry))
         self.metrics.worker.info({"name": name, "pid": str(os.getpid())})
         self.metrics.registry_keys.set_function(self.registry.index_keys)
@@ -252,6 +255,8 @@ class Worker:
         if path == "/healthz":
             return connection.respond(HTTPStatus.OK, "OK\n")
         if path == "/readyz":
+            if self.listener.ready and (lag := self.listener.lag_seconds()) > settings.READ_MAX_LAG:
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"read database {lag:.1f}s behind\n")
             if self.listener.ready:
                 return connection.respond(HTTPStatus.OK, "ready\n")
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "listener not connected\n")
