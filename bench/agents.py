@@ -138,6 +138,49 @@ class OursPublisher:
             done += size
         return {"count": done, "start": start, "end": time.time()}
 
+    def paced_batches(
+        self, rate: float, seconds: float, users: Sequence[int], k_base: int, batch: int, start_at: float
+    ) -> dict[str, Any]:
+        """Publish ``rate * seconds`` events, ``batch`` per transaction, paced; return each commit's time.
+
+        Event ``i`` has ``k = k_base + i`` and goes to ``users[i % len(users)]``.
+        ``batch`` 1 commits each event alone with ``publish()``; more uses
+        ``publish_many()``. A publisher that falls behind commits the events it
+        owes in batches of at most ``batch``, back to back. Returns
+        ``{"commits": [[first i, count, commit time], ...], "start", "end"}``.
+        """
+        total = int(rate * seconds)
+        commits: list[list[float]] = []
+        _sleep_until(start_at)
+        start = time.time()
+        pacer = _Pacer(rate, start)
+        done = 0
+        while done < total:
+            due = min(pacer.due(done), total - done)
+            if due <= 0:
+                pacer.wait(done)
+                continue
+            size = min(batch, due)
+            with self.atomic():
+                if batch == 1:
+                    self.publish("bench.scaling", {"k": k_base + done}, users=[_user_of(users, done)])
+                else:
+                    self.publish_many(
+                        [
+                            {"event": "bench.scaling", "data": {"k": k_base + i}, "users": [_user_of(users, i)]}
+                            for i in range(done, done + size)
+                        ]
+                    )
+            commits.append([done, size, time.time()])
+            done += size
+        return {"commits": commits, "start": start, "end": time.time()}
+
+    def wake_all(self, user: int, count: int) -> float:
+        """Commit ``count`` events to ``user`` in one ``publish_many()`` (past a NOTIFY's 16: every worker reads)."""
+        with self.atomic():
+            self.publish_many([{"event": "bench.wake", "data": {"k": 0}, "users": [user]} for _ in range(count)])
+        return time.time()
+
 
 def _frame(k: int) -> str:
     """The event frame the Channels and floor publishers send (encoded once): the same shape as this project's."""

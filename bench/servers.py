@@ -29,7 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Server", "free_port", "redis_available", "start_daphne", "start_floor", "start_ours", "start_redis"]
+__all__ = [
+    "Server",
+    "free_port",
+    "redis_available",
+    "start_daphne",
+    "start_floor",
+    "start_ours",
+    "start_redis",
+    "wait_ready",
+]
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 SERVER_NOFILE = 262_144
@@ -166,8 +175,14 @@ def _tcp_open(port: int) -> bool:
         return True
 
 
-def start_ours(database_url: str, log_dir: Path, workers: int = 1, settings_module: str = "bench.settings") -> Server:
-    """Start this project's websocket server; return once every worker answers ``/readyz`` 200."""
+def start_ours(
+    database_url: str, log_dir: Path, workers: int = 1, settings_module: str = "bench.settings", *, wait: bool = True
+) -> Server:
+    """Start this project's websocket server; return once every worker answers ``/readyz`` 200.
+
+    With ``wait=False``, return at once; :func:`wait_ready` waits. Start servers from
+    the main thread: each dies when the thread that started it ends (``PR_SET_PDEATHSIG``).
+    """
     port = free_port()
     command = [sys.executable, "manage.py", "runwebsockets", f"127.0.0.1:{port}"]
     if workers > 1:
@@ -186,8 +201,15 @@ def start_ours(database_url: str, log_dir: Path, workers: int = 1, settings_modu
             return streak["n"] >= 1
         return streak["n"] >= 12 * workers and len(server.pids()) > workers
 
-    _wait(server, ready, 60, "runwebsockets")
+    server.extra["ready"] = ready
+    if wait:
+        wait_ready(server)
     return server
+
+
+def wait_ready(server: Server, timeout: float = 60.0) -> None:
+    """Wait until a server started with ``start_ours(..., wait=False)`` is ready (stop it and raise if not)."""
+    _wait(server, server.extra["ready"], timeout, "runwebsockets")
 
 
 def start_daphne(database_url: str, log_dir: Path, env: dict[str, str]) -> Server:

@@ -171,7 +171,7 @@ class Postgres:
     as the system user ``pgserver``, and so does :meth:`restart`.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_connections: int = 300) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # platformdirs' XDG_RUNTIME_DIR warning
             import pgserver
@@ -181,7 +181,7 @@ class Postgres:
         self.socket_dir = str(self.server.get_postmaster_info().socket_dir)
         self.port = free_port()
         # Room for every process of the run and a killed worker's connections not yet reaped.
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.socket_dir} -c max_connections=300"
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.socket_dir} -c max_connections={max_connections}"
         self._restart_args = ["-w", "-m", "fast", "-t", "60", "-l", str(self.pgdata / "log"), "-o", options, "restart"]
         self.restart()
         self.url = make_conninfo(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres")

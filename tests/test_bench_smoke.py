@@ -76,3 +76,42 @@ def test_bench_smoke_completes_and_counts_every_message(tmp_path: Path) -> None:
     assert report.count("\n| (") == len(rows(results["sizes"])) - 2  # all but (f) on more processes
     assert "| This project | Floor | cost vs floor | Target met |" in report
     assert (tmp_path / "results.json").exists() and not (tmp_path / "plot.png").exists()
+
+
+@pytest.mark.timeout(300)
+def test_scaling_smoke_counts_every_event_and_every_workers_connections(tmp_path: Path) -> None:
+    """Workload (g) at tiny sizes (``python -m bench --workloads g --smoke``): every event once, every measure there."""
+    import json
+    import subprocess
+    import sys
+
+    from bench.scaling import SMOKE as SCALING_SMOKE
+    from bench.scaling import mode_of
+
+    command = [sys.executable, "-m", "bench", "--workloads", "g", "--smoke", "--no-plot", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=280, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "scaling.json").read_text())
+    points = results["points"]
+    assert [(p["workers"], p["rate"], p["batch"]) for p in points] == [
+        (n, rate, batch) for n in SCALING_SMOKE.workers for rate, batch in SCALING_SMOKE.rates
+    ]
+    for point in points:
+        assert point["received"] == point["published"] == int(point["rate"] * SCALING_SMOKE.seconds), point
+        assert point["lost"] == point["duplicates"] == 0
+        assert point["mode"] == mode_of(point["batch"])
+        assert point["notifies"] == point["commits"] > 0
+        assert point["cpu_s"] > 0 and point["wal_bytes"] > 0 and point["xact_per_event"] > 0
+        # Every worker holds its two listener connections while events flow.
+        assert point["connections"]["by_app_max"]["realtime-listener"] == 2
+        assert point["connections"]["total"] >= 2 * point["workers"]
+    # Table reads happen only when a transaction's events do not fit in its NOTIFY.
+    assert any(p["mode"] == "table read" for p in points) and any(p["mode"] == "NOTIFY payload" for p in points)
+    for n in SCALING_SMOKE.workers:
+        entry = results["workers"][str(n)]
+        assert entry["logins"]["ok"] == n * SCALING_SMOKE.per_worker
+        assert entry["replays"]["ok"] == entry["replays"]["count"] == n * SCALING_SMOKE.replays_per_worker
+        assert entry["at_rest"]["by_app_max"]["realtime-listener"] == 2
+    report = (tmp_path / "scaling.md").read_text()
+    assert report.count("| publish") == len(points)
+    assert not (tmp_path / "scaling.png").exists()

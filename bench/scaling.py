@@ -1,0 +1,761 @@
+"""Workload (g), issue 17: what one PostgreSQL pays as websocket workers are added.
+
+For each worker count in ``ScalingSizes.workers`` (1, 2, 4, 8, 16), that many
+``runwebsockets`` processes, each on a port of its own (as separate hosts
+would be), each holding ``per_worker`` authenticated client connections (one
+user each). Events go at each rate of ``ScalingSizes.rates`` (200, 1,000 and
+5,000/s) for ``seconds``, each to one connected user: every worker receives
+every event, one worker delivers it. The publishing mode is part of the rate:
+``batch`` events per transaction (``publish()`` alone at 1, ``publish_many()``
+above). A transaction of at most 16 small events carries them in its NOTIFY
+payload (no worker reads the table); a bigger one makes every worker read the
+rows (migration 0006).
+
+Measured per rate window, on a PostgreSQL of this run's own (pgserver's
+binaries, TCP on loopback; nothing else uses it, so its processes' CPU is
+this workload's):
+
+- the primary's CPU: utime + stime of the postmaster and every child
+  (``/proc/<pid>/stat``), plus the postmaster's reaped children, before and after;
+- rows read from ``realtime_event`` (``pg_stat_user_tables``: ``seq_tup_read``
+  + ``idx_tup_fetch``), ``pg_stat_database``'s ``tup_returned``,
+  ``tup_fetched`` and ``xact_commit`` (no pg_stat_statements in pgserver's
+  build: the worker's reads are autocommit statements, one transaction each);
+- WAL written (``pg_current_wal_lsn()`` difference), NOTIFYs (= publishing
+  commits) and the notification queue's peak (``pg_notification_queue_usage()``);
+- commit → receipt p50 / p99 per worker; the slowest worker's are reported;
+- connections each worker holds, by ``application_name`` (``pg_stat_activity``
+  ``client_port`` matched to the worker's sockets): at rest, during the login
+  burst, during the rate windows, during a burst of replays, and at the end.
+
+Backends flush their statistics at the end of a transaction at most once a
+second; before reading the counters the run waits a second and commits one
+batch every worker reads, so each window's reads are counted in that window.
+
+Everything is bounded (counts, waits) and stopped in ``finally`` blocks.
+Run as ``python -m bench.scaling`` (``python -m bench`` runs it in a
+subprocess of its own: Django is set up for this run's database here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FULL", "SMOKE", "ScalingSizes", "main", "markdown", "run"]
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+RESULTS_DIR = BASE_DIR / "bench" / "results"
+DATABASE = "realtime_scaling"
+# A transaction of at most this many events (that fit in 8,000 bytes) carries them in its NOTIFY (migration 0006).
+PAYLOAD_EVENTS = 16
+APPS = ("realtime-listener", "realtime-auth", "django", "other")
+TOKEN_LIFETIME = 3000.0
+
+
+@dataclass(frozen=True)
+class ScalingSizes:
+    """Counts and durations of one (g) run (all bounded)."""
+
+    workers: tuple[int, ...] = (1, 2, 4, 8, 16)
+    # (events per second, events per transaction)
+    rates: tuple[tuple[int, int], ...] = ((200, 1), (1_000, 10), (5_000, 100))
+    per_worker: int = 200
+    seconds: float = 6.0
+    replays_per_worker: int = 25
+    client_processes: int = 2
+    concurrency: int = 50
+    wait_timeout: float = 30.0
+    # Longest wait for the last receipt of a window (a saturated machine delivers late, not never).
+    drain: float = 30.0
+    settle: float = 1.5
+    max_connections: int = 600
+
+
+FULL = ScalingSizes()
+SMOKE = ScalingSizes(
+    workers=(1, 2),
+    rates=((50, 1), (200, 10), (400, 40)),
+    per_worker=6,
+    seconds=1.0,
+    replays_per_worker=3,
+    concurrency=10,
+    settle=0.5,
+    drain=20.0,
+)
+
+
+def mode_of(batch: int) -> str:
+    """How a transaction of ``batch`` small events reaches the workers."""
+    return "NOTIFY payload" if batch <= PAYLOAD_EVENTS else "table read"
+
+
+# The primary, seen from outside.
+
+
+def _stat_fields(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as children:
+                found.extend(int(child) for child in children.read().split())
+    return found
+
+
+def postgres_cpu_seconds(postmaster: int) -> float:
+    """CPU time (user + system) of PostgreSQL: the postmaster, its live children, and its children that exited."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = _stat_fields(postmaster)
+    total = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime (reaped backends)
+    for pid in _children(postmaster):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            child = _stat_fields(pid)
+            total += int(child[11]) + int(child[12])
+    return total / ticks
+
+
+def _machine_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine since boot (/proc/stat)."""
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+def _tcp_sockets() -> dict[int, tuple[int, int]]:
+    """{socket inode: (local port, remote port)} of this machine's TCP sockets."""
+    found: dict[int, tuple[int, int]] = {}
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(name) as table:
+            next(table)
+            for line in table:
+                parts = line.split()
+                local, remote, inode = parts[1], parts[2], int(parts[9])
+                if inode:
+                    found[inode] = (int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16))
+    return found
+
+
+def _socket_inodes(pid: int) -> list[int]:
+    inodes = []
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.append(int(target[8:-1]))
+    return inodes
+
+
+class Sampler:
+    """Samples, on a connection of its own: each worker's PostgreSQL connections and the notification queue.
+
+    :meth:`watch` runs :meth:`sample` in a thread about ``hz`` times a second
+    and keeps each worker's peak per ``application_name`` and the queue's peak.
+    """
+
+    def __init__(self, url: str, pg_port: int, database: str) -> None:
+        import psycopg
+
+        self.connection = psycopg.connect(url, autocommit=True, application_name="bench-sampler")
+        self.pg_port, self.database = pg_port, database
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.connection.close()
+
+    def connections(self, pids: Sequence[int]) -> dict[int, Counter[str]]:
+        """Return, per worker pid, its connections to PostgreSQL by application name."""
+        with self.lock:
+            rows = self.connection.execute(
+                "SELECT client_port, coalesce(application_name, '') FROM pg_stat_activity"
+                " WHERE backend_type = 'client backend' AND datname = %s AND client_port > 0",
+                [self.database],
+            ).fetchall()
+        apps = {int(port): str(name) for port, name in rows}
+        sockets = _tcp_sockets()
+        held: dict[int, Counter[str]] = {}
+        for pid in pids:
+            counts: Counter[str] = Counter()
+            for inode in _socket_inodes(pid):
+                ports = sockets.get(inode)
+                if ports and ports[1] == self.pg_port and ports[0] in apps:
+                    name = apps[ports[0]]
+                    counts[name if name in APPS else ("django" if not name else "other")] += 1
+            held[pid] = counts
+        return held
+
+    def queue_usage(self) -> float:
+        with self.lock:
+            row = self.connection.execute("SELECT pg_notification_queue_usage()").fetchone()
+        return float(row[0]) if row else 0.0
+
+    @contextlib.contextmanager
+    def watch(self, pids: Sequence[int], hz: float = 4.0) -> Iterator[dict[str, Any]]:
+        """Sample while the block runs; the yielded dict gets ``peak`` ({pid: {app: n}}) and ``queue_peak``."""
+        found: dict[str, Any] = {"peak": {pid: Counter() for pid in pids}, "queue_peak": 0.0, "samples": 0}
+        stop = threading.Event()
+
+        def loop() -> None:
+            while True:
+                with contextlib.suppress(Exception):
+                    for pid, counts in self.connections(pids).items():
+                        peak = found["peak"][pid]
+                        for name, n in counts.items():
+                            peak[name] = max(peak[name], n)
+                    found["queue_peak"] = max(found["queue_peak"], self.queue_usage())
+                    found["samples"] += 1
+                if stop.wait(1 / hz):
+                    return
+
+        thread = threading.Thread(target=loop, name="bench-sampler", daemon=True)
+        thread.start()
+        try:
+            yield found
+        finally:
+            stop.set()
+            thread.join(10)
+            found["peak"] = {pid: dict(c) for pid, c in found["peak"].items()}
+
+    def counters(self) -> dict[str, float]:
+        """The cumulative counters a window is measured by (WAL position, database and outbox statistics)."""
+        with self.lock:
+            self.connection.execute("SELECT pg_stat_clear_snapshot()")
+            wal, commits, returned, fetched = self.connection.execute(
+                "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn, xact_commit, tup_returned, tup_fetched"
+                " FROM pg_stat_database WHERE datname = %s",
+                [self.database],
+            ).fetchone()  # type: ignore[misc]
+            row = self.connection.execute(
+                "SELECT coalesce(seq_scan, 0), coalesce(seq_tup_read, 0), coalesce(idx_scan, 0),"
+                " coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables WHERE relname = 'realtime_event'"
+            ).fetchone()
+        seq_scan, seq_read, idx_scan, idx_fetch = row or (0, 0, 0, 0)
+        return {
+            "wal": float(wal),
+            "xact_commit": float(commits),
+            "tup_returned": float(returned),
+            "tup_fetched": float(fetched),
+            "event_scans": float(seq_scan + idx_scan),
+            "event_rows_read": float(seq_read + idx_fetch),
+        }
+
+
+def _summary(held: dict[int, dict[str, int]]) -> dict[str, Any]:
+    """Per-worker connection counts → the largest worker's count per app and in all, and the total."""
+    totals = [sum(c.values()) for c in held.values()] or [0]
+    by_app = {app: max((c.get(app, 0) for c in held.values()), default=0) for app in APPS}
+    return {"max_per_worker": max(totals), "total": sum(totals), "by_app_max": by_app}
+
+
+def _percentile(values: Sequence[float], fraction: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
+
+
+# The run.
+
+
+class Scaling:
+    """One (g) run against a PostgreSQL of its own (see the module docstring)."""
+
+    def __init__(self, sizes: ScalingSizes, work: Path, say: Any) -> None:
+        self.sizes = sizes
+        self.work = work
+        self.say = say
+        self.k_next = 1
+
+    def run(self) -> dict[str, Any]:
+        from bench import dbsetup
+        from bench.agents import AgentPool
+        from bench.harness import machine
+        from bench.loadclient import LoadClient
+        from bench.soak import Postgres
+
+        sizes = self.sizes
+        began = time.monotonic()
+        pg = Postgres(self.work, max_connections=sizes.max_connections)
+        try:
+            self.url = _create_database(pg.url, DATABASE)
+            dbsetup.configure_django(self.url)
+            dbsetup.migrate()
+            self.postmaster = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
+            self.pg_port = pg.port
+            self.users = dbsetup.prepare_users(max(sizes.workers) * sizes.per_worker + 1)
+            self.sampler = Sampler(self.url, pg.port, DATABASE)
+            results: dict[str, Any] = {
+                "sizes": asdict(sizes),
+                "postgresql": pg.version(),
+                "load_average_at_start": os.getloadavg(),
+                "points": [],
+                "workers": {},
+            }
+            results["machine"] = machine()  # asks PostgreSQL its version: while it runs
+            try:
+                with (
+                    LoadClient(sizes.client_processes) as client,
+                    AgentPool("ours", 1, "bench.settings", self.url) as agents,
+                ):
+                    for n in sizes.workers:
+                        self.say(f"(g) {n} worker(s), {n * sizes.per_worker:,} connections")
+                        entry, points = self.workers_phase(n, client, agents)
+                        results["workers"][str(n)] = entry
+                        results["points"] += points
+            finally:
+                self.sampler.close()
+            results["load_average_at_end"] = os.getloadavg()
+            results["duration_s"] = time.monotonic() - began
+            return results
+        finally:
+            from django.db import connections
+
+            connections.close_all()
+            pg.stop()
+
+    def start_workers(self, n: int) -> list[Any]:
+        """Start ``n`` single-worker servers (from this thread: they die with the thread that started them)."""
+        from bench.servers import start_ours, wait_ready
+
+        servers: list[Any] = []
+        try:
+            for _ in range(n):
+                servers.append(start_ours(self.url, self.work / "logs", wait=False))
+            for server in servers:
+                wait_ready(server)
+        except BaseException:
+            for server in servers:
+                server.stop()
+            raise
+        return servers
+
+    def workers_phase(self, n: int, client: Any, agents: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        from bench import dbsetup
+        from bench.loadclient import source_address
+
+        sizes = self.sizes
+        servers = self.start_workers(n)
+        pids = [s.process.pid for s in servers]
+        try:
+            entry: dict[str, Any] = {"pids": pids}
+            time.sleep(sizes.settle)
+            entry["at_rest"] = _summary({p: dict(c) for p, c in self.sampler.connections(pids).items()})
+            owners = self.users[: n * sizes.per_worker]
+            tokens = dbsetup.mint_tokens(owners, TOKEN_LIFETIME)
+            specs = [
+                (
+                    servers[i % n].ports[0],
+                    source_address(i),
+                    "",
+                    json.dumps({"type": "auth", "token": t, "last_id": None}),
+                )
+                for i, t in enumerate(tokens)
+            ]
+            with self.sampler.watch(pids) as logins:
+                joined = client.connect(specs, concurrency=sizes.concurrency, timeout=sizes.wait_timeout, budget=120)
+            entry["logins"] = {
+                "ok": joined.ok,
+                "failures": dict(joined.failures),
+                "seconds": joined.finished - joined.started,
+                **_summary(logins["peak"]),
+            }
+            if joined.ok < len(specs):
+                raise RuntimeError(
+                    f"(g) {n} workers: {joined.ok}/{len(specs)} connected ({dict(joined.failures)}); "
+                    f"a worker's log:\n{servers[0].log_tail()}"
+                )
+            time.sleep(sizes.settle)
+            entry["after_logins"] = _summary({p: dict(c) for p, c in self.sampler.connections(pids).items()})
+            first_position = self._newest_position()
+            points = []
+            for rate, batch in sizes.rates:
+                point = self.window(n, servers, client, agents, rate, batch)
+                points.append(point)
+                self.say(
+                    f"  {rate:,}/s, {batch} per commit ({point['mode']}): {point['received']:,}/{point['published']:,} "
+                    f"received, primary {point['cpu_us_per_event']:.0f} µs/event, "
+                    f"slowest worker p50 {point['slowest_p50_ms']:.2f} ms p99 {point['slowest_p99_ms']:.2f} ms, "
+                    f"{point['connections']['max_per_worker']} connections/worker"
+                )
+            entry["replays"] = self.replays(n, servers, client, first_position)
+            entry["end"] = _summary({p: dict(c) for p, c in self.sampler.connections(pids).items()})
+            entry["end"]["seconds_after_last_burst"] = time.monotonic() - entry["replays"]["ended"]
+            client.close_all()
+            return entry, points
+        finally:
+            client.close_all()
+            for server in servers:
+                server.stop()
+
+    def _newest_position(self) -> int:
+        from django.db import connection
+
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT coalesce(max(position), 0) FROM realtime_event")
+            return int(cursor.fetchone()[0])
+
+    def window(self, n: int, servers: list[Any], client: Any, agents: Any, rate: int, batch: int) -> dict[str, Any]:
+        """One rate window: publish, wait for every receipt, read the counters; return the point."""
+        sizes = self.sizes
+        conns = n * sizes.per_worker
+        users = [u.id for u in self.users[:conns]]
+        total = int(rate * sizes.seconds)
+        k_base = self.k_next
+        self.k_next += total + 1000
+        client.set_mode("latency")
+        pids = [s.process.pid for s in servers]
+        counters_before = self.sampler.counters()
+        cpu_before = postgres_cpu_seconds(self.postmaster)
+        workers_before = sum(s.cpu_seconds() for s in servers)
+        busy_before = _machine_jiffies()
+        with self.sampler.watch(pids, hz=5) as watched:
+            answer = agents.call(
+                0,
+                "paced_batches",
+                timeout=sizes.seconds * 4 + 120,
+                rate=rate,
+                seconds=sizes.seconds,
+                users=users,
+                k_base=k_base,
+                batch=batch,
+                start_at=time.time() + 0.2,
+            )
+            deadline = time.monotonic() + sizes.drain
+            while time.monotonic() < deadline:
+                if sum(p["received"] for p in client.poll()) >= total:
+                    break
+                time.sleep(0.05)
+        cpu_after = postgres_cpu_seconds(self.postmaster)
+        workers_after = sum(s.cpu_seconds() for s in servers)
+        busy_after = _machine_jiffies()
+        wal_after = self.sampler.counters()["wal"]
+        # Backends flush their statistics at most once a second, at a transaction's end: one more batch
+        # that every worker reads, a second later, makes each count this window's reads now.
+        time.sleep(1.1)
+        agents.call(0, "wake_all", user=self.users[-1].id, count=PAYLOAD_EVENTS + 4)
+        time.sleep(0.5)
+        counters_after = self.sampler.counters()
+        counters_after["wal"] = wal_after
+        stats = client.stats()
+
+        committed: dict[int, float] = {}
+        for first, count, at in answer["commits"]:
+            for i in range(int(first), int(first) + int(count)):
+                committed[i] = at
+        per_worker: dict[int, list[float]] = defaultdict(list)
+        seen: Counter[int] = Counter()
+        for process in stats:
+            for k, t in process["pairs"]:
+                i = k - k_base
+                if i in committed:
+                    seen[i] += 1
+                    # Event i went to user i % conns, whose one connection is on worker (i % conns) % n.
+                    per_worker[(i % conns) % n].append((t - committed[i]) * 1000)
+        received = len(seen)
+        duplicates = sum(c - 1 for c in seen.values())
+        slowest = max(per_worker, key=lambda w: _percentile(per_worker[w], 0.99), default=0)
+        all_latencies = [v for values in per_worker.values() for v in values]
+        elapsed = answer["end"] - answer["start"]
+        delta = {key: counters_after[key] - counters_before[key] for key in counters_before}
+        events = max(total, 1)
+        busy = (busy_after[0] - busy_before[0]) / max(busy_after[1] - busy_before[1], 1)
+        return {
+            "workers": n,
+            "connections_total": conns,
+            "rate": rate,
+            "batch": batch,
+            "mode": mode_of(batch),
+            "published": total,
+            "commits": len(answer["commits"]),
+            "achieved_rate": total / elapsed if elapsed > 0 else math.nan,
+            "received": received,
+            "lost": total - received,
+            "duplicates": duplicates,
+            "cpu_s": cpu_after - cpu_before,
+            "cpu_us_per_event": (cpu_after - cpu_before) / events * 1e6,
+            "worker_cpu_s": workers_after - workers_before,
+            "machine_busy": busy,
+            "wal_bytes": delta["wal"],
+            "wal_bytes_per_event": delta["wal"] / events,
+            "event_rows_read_per_event": delta["event_rows_read"] / events,
+            "event_scans_per_event": delta["event_scans"] / events,
+            "tup_returned_per_event": delta["tup_returned"] / events,
+            "tup_fetched_per_event": delta["tup_fetched"] / events,
+            "xact_per_event": delta["xact_commit"] / events,
+            "notifies": len(answer["commits"]),
+            "queue_peak": watched["queue_peak"],
+            "slowest_worker": slowest,
+            "slowest_p50_ms": _percentile(per_worker.get(slowest, []), 0.5),
+            "slowest_p99_ms": _percentile(per_worker.get(slowest, []), 0.99),
+            "p50_ms": _percentile(all_latencies, 0.5),
+            "p99_ms": _percentile(all_latencies, 0.99),
+            "max_ms": max(all_latencies, default=math.nan),
+            "connections": _summary(watched["peak"]),
+        }
+
+    def replays(self, n: int, servers: list[Any], client: Any, last_id: int) -> dict[str, Any]:
+        """A burst of ``replays_per_worker`` reconnections per worker, each replaying its user's events."""
+        from bench import dbsetup
+        from bench.loadclient import source_address
+
+        sizes = self.sizes
+        client.set_mode("idle")
+        count = n * sizes.replays_per_worker
+        owners = self.users[:count]
+        tokens = dbsetup.mint_tokens(owners, TOKEN_LIFETIME)
+        first = n * sizes.per_worker
+        specs = [
+            (
+                servers[i % n].ports[0],
+                source_address(first + i),
+                "",
+                json.dumps({"type": "auth", "token": t, "last_id": last_id}),
+            )
+            for i, t in enumerate(tokens)
+        ]
+        pids = [s.process.pid for s in servers]
+        with self.sampler.watch(pids, hz=8) as watched:
+            joined = client.connect(specs, concurrency=sizes.concurrency, timeout=sizes.wait_timeout, budget=120)
+            time.sleep(0.5)
+        return {
+            "count": count,
+            "ok": joined.ok,
+            "seconds": joined.finished - joined.started,
+            "ended": time.monotonic(),
+            **_summary(watched["peak"]),
+        }
+
+
+def _create_database(server_url: str, name: str) -> str:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    with psycopg.connect(server_url, autocommit=True) as connection:
+        if not connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            connection.execute(f'CREATE DATABASE "{name}"')
+    return make_conninfo(**{**conninfo_to_dict(server_url), "dbname": name})
+
+
+# The report.
+
+
+def _fmt(value: Any, digits: int = 0) -> str:
+    if not isinstance(value, int | float) or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(value: float, base: float) -> str:
+    if not base or math.isnan(base) or math.isnan(value):
+        return "—"
+    return f"{value / base:.2f}x"
+
+
+def markdown(results: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
+    """Return scaling.md: the method, the table per (rate, workers), the connection counts and the notes."""
+    sizes = results["sizes"]
+    lines = ["# Benchmark (g): one PostgreSQL, more and more workers", ""]
+    if machine:
+        lines.append(
+            f"Machine: {machine.get('cores')} cores ({machine.get('cpu')}), "
+            f"{machine.get('memory_bytes', 0) / 2**30:.0f} GiB, Python {machine.get('python')}, "
+            f"PostgreSQL {results.get('postgresql')}, {machine.get('date')}. Load average at start "
+            f"{', '.join(f'{x:.2f}' for x in results['load_average_at_start'])}, at end "
+            f"{', '.join(f'{x:.2f}' for x in results.get('load_average_at_end', []))}; "
+            f"run took {results.get('duration_s', 0) / 60:.1f} min."
+        )
+        lines.append("")
+    lines += [
+        f"Each worker is a `runwebsockets` process on a port of its own with {sizes['per_worker']} authenticated "
+        f"connections (one user each); each rate runs {sizes['seconds']:g} s, each event to one connected user "
+        "(every worker receives it, one delivers it). PostgreSQL is a server of this run's own (nothing else uses "
+        "it); primary CPU is its processes' utime + stime over the window, divided by the events published. Rows "
+        "read are `realtime_event`'s `seq_tup_read + idx_tup_fetch`; transactions are `pg_stat_database.xact_commit` "
+        "(the workers' reads are autocommit statements: about one query each). Latency is from the publisher's "
+        'COMMIT to the receipt, at the worker with the highest p99. "vs 1" divides by the same rate\'s value '
+        "with 1 worker.",
+        "",
+        "| Rate (events/s) | Publishing | Workers | Primary CPU µs/event | vs 1 | Rows read/event | "
+        "Transactions/event | WAL bytes/event | NOTIFYs/s | Queue peak | Slowest worker p50 ms | p99 ms | "
+        "p99 vs 1 | Received | Achieved rate/s | Machine busy | DB connections/worker (peak) |",
+        "|" + "---|" * 17,
+    ]
+    points = results["points"]
+    base = {(p["rate"], p["batch"]): p for p in points if p["workers"] == min(sizes["workers"])}
+    for rate, batch in sizes["rates"]:
+        for p in (p for p in points if (p["rate"], p["batch"]) == (rate, batch)):
+            b = base.get((rate, batch), p)
+            publishing = "publish() each" if batch == 1 else f"publish_many() of {batch}"
+            lines.append(
+                f"| {rate:,} | {publishing} ({p['mode']}) | {p['workers']} | {_fmt(p['cpu_us_per_event'])} | "
+                f"{_ratio(p['cpu_us_per_event'], b['cpu_us_per_event'])} | "
+                f"{_fmt(p['event_rows_read_per_event'], 1)} | {_fmt(p['xact_per_event'], 2)} | "
+                f"{_fmt(p['wal_bytes_per_event'])} | {_fmt(p['notifies'] / sizes['seconds'])} | "
+                f"{p['queue_peak']:.1e} | {_fmt(p['slowest_p50_ms'], 2)} | {_fmt(p['slowest_p99_ms'], 2)} | "
+                f"{_ratio(p['slowest_p99_ms'], b['slowest_p99_ms'])} | {p['received']:,}/{p['published']:,} | "
+                f"{_fmt(p['achieved_rate'])} | {p['machine_busy']:.0%} | {p['connections']['max_per_worker']} |"
+            )
+    lines += [
+        "",
+        "## Database connections per worker",
+        "",
+        "The most any one worker held (listener / logins `realtime-auth` / Django's threads / in all), "
+        "from `pg_stat_activity` matched to each worker's sockets:",
+        "",
+        "| Workers | At rest (no client) | During the login burst | After it | During the rate windows | "
+        "During replays | At the end | Seconds after the last burst | All workers at their peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(summary: dict[str, Any]) -> str:
+        apps = summary["by_app_max"]
+        return f"{apps['realtime-listener']} / {apps['realtime-auth']} / {apps['django']} / {summary['max_per_worker']}"
+
+    for n in sizes["workers"]:
+        entry = results["workers"].get(str(n))
+        if not entry:
+            continue
+        windows = [p["connections"] for p in points if p["workers"] == n]
+        busiest = max(windows, key=lambda c: c["max_per_worker"]) if windows else entry["after_logins"]
+        peak_total = max(
+            [entry["logins"]["total"], entry["replays"]["total"], *(c["total"] for c in windows)], default=0
+        )
+        lines.append(
+            f"| {n} | {cell(entry['at_rest'])} | {cell(entry['logins'])} | {cell(entry['after_logins'])} | "
+            f"{cell(busiest)} | {cell(entry['replays'])} | {cell(entry['end'])} | "
+            f"{entry['end']['seconds_after_last_burst']:.0f} | {peak_total} |"
+        )
+    lines += [
+        "",
+        "Notes:",
+        "",
+        '- The machine is shared: other sessions\' tests ran at the same time. "Machine busy" is the whole '
+        "machine's CPU use during the window (this run's workers, PostgreSQL, clients and publisher included); "
+        "compare ratios within one run rather than absolute values across runs.",
+        "- Every worker, its clients, the publisher and PostgreSQL share the machine's cores: with many workers "
+        "at high rates the machine saturates and latency then measures the queueing, not the design.",
+        "- Rows read per event count the worker reads only when a transaction's events did not fit in its NOTIFY; "
+        "publishing writes (INSERT, the commit-time position UPDATE) are in the CPU and WAL columns.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def draw(results: dict[str, Any], path: Path) -> None:
+    """Draw scaling.png: primary CPU per event and connections per worker against workers, a line per rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = results["sizes"]
+    figure, (cpu_axes, conn_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for rate, batch in sizes["rates"]:
+        points = sorted(
+            (p for p in results["points"] if (p["rate"], p["batch"]) == (rate, batch)), key=lambda p: p["workers"]
+        )
+        label = f"{rate:,}/s, {batch} per commit ({mode_of(batch)})"
+        cpu_axes.plot([p["workers"] for p in points], [p["cpu_us_per_event"] for p in points], marker="o", label=label)
+        conn_axes.plot(
+            [p["workers"] for p in points],
+            [p["connections"]["total"] for p in points],
+            marker="o",
+            label=f"{label}: all workers",
+        )
+    ns = [int(n) for n in results["workers"]]
+    conn_axes.plot(
+        ns, [results["workers"][str(n)]["logins"]["total"] for n in ns], marker="s", ls="--", label="login burst"
+    )
+    conn_axes.plot(
+        ns, [results["workers"][str(n)]["replays"]["total"] for n in ns], marker="^", ls="--", label="replay burst"
+    )
+    for axes in (cpu_axes, conn_axes):
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(ns, [str(n) for n in ns])
+        axes.set_xlabel("worker processes")
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=7)
+    cpu_axes.set_ylabel("primary CPU per event (µs)")
+    cpu_axes.set_title("PostgreSQL CPU per event")
+    conn_axes.set_ylabel("PostgreSQL connections (all workers, peak)")
+    conn_axes.set_title("Connections held by the workers")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write(results: dict[str, Any], out_dir: Path, *, plot: bool = True) -> None:
+    """Write scaling.json, scaling.md and (``plot``) scaling.png to ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "scaling.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (out_dir / "scaling.md").write_text(markdown(results, results["machine"]))
+    if plot:
+        draw(results, out_dir / "scaling.png")
+
+
+def run(sizes: ScalingSizes = FULL, out_dir: Path = RESULTS_DIR, *, plot: bool = True, quiet: bool = False) -> int:
+    """Run (g) with ``sizes``, write its results to ``out_dir``; return an exit status (0: every event arrived)."""
+
+    def say(text: str) -> None:
+        if not quiet:
+            elapsed = int(time.monotonic() - began)
+            print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {text}", file=sys.stderr, flush=True)
+
+    began = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="realtime-scaling-"))
+    work.chmod(0o755)  # pgserver's user must reach the data directory inside
+    try:
+        results = Scaling(sizes, work, say).run()
+        write(results, out_dir, plot=plot)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    say(f"(g) results: {out_dir / 'scaling.md'} ({results['duration_s'] / 60:.1f} min)")
+    complete = all(p["lost"] == 0 and p["duplicates"] == 0 for p in results["points"])
+    return 0 if complete else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.scaling``: run workload (g) alone."""
+    parser = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where to write scaling.md, .json and .png")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds), for checking the harness")
+    parser.add_argument("--quick", action="store_true", help="1, 4 and 16 workers, 3 s per rate")
+    parser.add_argument("--workers", help="comma-separated worker counts (default 1,2,4,8,16)")
+    parser.add_argument("--no-plot", action="store_true", help="do not draw scaling.png (no matplotlib needed)")
+    args = parser.parse_args(argv)
+    sizes = SMOKE if args.smoke else FULL
+    if args.quick and not args.smoke:
+        sizes = replace(sizes, workers=(1, 4, 16), seconds=3.0)
+    if args.workers:
+        sizes = replace(sizes, workers=tuple(int(n) for n in args.workers.split(",")))
+    from bench.loadclient import raise_nofile_limit
+
+    raise_nofile_limit()
+    try:
+        return run(sizes, args.out, plot=not args.no_plot)
+    except KeyboardInterrupt:
+        print("\ninterrupted: every process (g) started was stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
