@@ -145,8 +145,8 @@ class OursPublisher:
 
         Event ``i`` has ``k = k_base + i`` and goes to ``users[i % len(users)]``.
         ``batch`` 1 commits each event alone with ``publish()``; more uses
-        ``publish_many()``. A publisher that falls behind commits the events it
-        owes in batches of at most ``batch``, back to back. Returns
+        ``publish_many()``. Each transaction commits once its last event is due;
+        a publisher that falls behind commits back to back. Returns
         ``{"commits": [[first i, count, commit time], ...], "start", "end"}``.
         """
         total = int(rate * seconds)
@@ -156,11 +156,8 @@ class OursPublisher:
         pacer = _Pacer(rate, start)
         done = 0
         while done < total:
-            due = min(pacer.due(done), total - done)
-            if due <= 0:
-                pacer.wait(done)
-                continue
-            size = min(batch, due)
+            size = min(batch, total - done)
+            pacer.wait(done + size - 1)  # until the batch's last event is due: whole batches, not what is due
             with self.atomic():
                 if batch == 1:
                     self.publish("bench.scaling", {"k": k_base + done}, users=[_user_of(users, done)])

@@ -72,7 +72,7 @@ class ScalingSizes:
 
     workers: tuple[int, ...] = (1, 2, 4, 8, 16)
     # (events per second, events per transaction)
-    rates: tuple[tuple[int, int], ...] = ((200, 1), (1_000, 10), (5_000, 100))
+    rates: tuple[tuple[int, int], ...] = ((200, 1), (1_000, 10), (5_000, 16), (5_000, 100))
     per_worker: int = 200
     seconds: float = 6.0
     replays_per_worker: int = 25
@@ -82,6 +82,8 @@ class ScalingSizes:
     # Longest wait for the last receipt of a window (a saturated machine delivers late, not never).
     drain: float = 30.0
     settle: float = 1.5
+    # With the clients connected and no events: the primary's cost of the workers alone.
+    idle_seconds: float = 3.0
     max_connections: int = 600
 
 
@@ -95,6 +97,7 @@ SMOKE = ScalingSizes(
     concurrency=10,
     settle=0.5,
     drain=20.0,
+    idle_seconds=0.5,
 )
 
 
@@ -386,10 +389,11 @@ class Scaling:
                 )
             time.sleep(sizes.settle)
             entry["after_logins"] = _summary({p: dict(c) for p, c in self.sampler.connections(pids).items()})
+            entry["idle"] = self.idle(sizes.idle_seconds)
             first_position = self._newest_position()
             points = []
             for rate, batch in sizes.rates:
-                point = self.window(n, servers, client, agents, rate, batch)
+                point = self.window(n, servers, client, agents, rate, batch, entry["idle"])
                 points.append(point)
                 self.say(
                     f"  {rate:,}/s, {batch} per commit ({point['mode']}): {point['received']:,}/{point['published']:,} "
@@ -407,6 +411,17 @@ class Scaling:
             for server in servers:
                 server.stop()
 
+    def idle(self, seconds: float) -> dict[str, float]:
+        """The primary's CPU (share of a core) and transactions per second with the clients connected, no events."""
+        before, cpu_before = self.sampler.counters(), postgres_cpu_seconds(self.postmaster)
+        time.sleep(seconds)
+        after, cpu_after = self.sampler.counters(), postgres_cpu_seconds(self.postmaster)
+        return {
+            "cpu_share": (cpu_after - cpu_before) / seconds,
+            "xact_per_s": (after["xact_commit"] - before["xact_commit"]) / seconds,
+            "wal_per_s": (after["wal"] - before["wal"]) / seconds,
+        }
+
     def _newest_position(self) -> int:
         from django.db import connection
 
@@ -414,7 +429,9 @@ class Scaling:
             cursor.execute("SELECT coalesce(max(position), 0) FROM realtime_event")
             return int(cursor.fetchone()[0])
 
-    def window(self, n: int, servers: list[Any], client: Any, agents: Any, rate: int, batch: int) -> dict[str, Any]:
+    def window(
+        self, n: int, servers: list[Any], client: Any, agents: Any, rate: int, batch: int, idle: dict[str, float]
+    ) -> dict[str, Any]:
         """One rate window: publish, wait for every receipt, read the counters; return the point."""
         sizes = self.sizes
         conns = n * sizes.per_worker
@@ -425,7 +442,7 @@ class Scaling:
         client.set_mode("latency")
         pids = [s.process.pid for s in servers]
         counters_before = self.sampler.counters()
-        cpu_before = postgres_cpu_seconds(self.postmaster)
+        cpu_before, window_began = postgres_cpu_seconds(self.postmaster), time.monotonic()
         workers_before = sum(s.cpu_seconds() for s in servers)
         busy_before = _machine_jiffies()
         with self.sampler.watch(pids, hz=5) as watched:
@@ -445,7 +462,7 @@ class Scaling:
                 if sum(p["received"] for p in client.poll()) >= total:
                     break
                 time.sleep(0.05)
-        cpu_after = postgres_cpu_seconds(self.postmaster)
+        cpu_after, window_s = postgres_cpu_seconds(self.postmaster), time.monotonic() - window_began
         workers_after = sum(s.cpu_seconds() for s in servers)
         busy_after = _machine_jiffies()
         wal_after = self.sampler.counters()["wal"]
@@ -493,6 +510,9 @@ class Scaling:
             "duplicates": duplicates,
             "cpu_s": cpu_after - cpu_before,
             "cpu_us_per_event": (cpu_after - cpu_before) / events * 1e6,
+            "window_s": window_s,
+            # Less what the workers cost the primary with no events (presence writes, re-checks) over as long.
+            "net_cpu_us_per_event": max(0.0, cpu_after - cpu_before - idle["cpu_share"] * window_s) / events * 1e6,
             "worker_cpu_s": workers_after - workers_before,
             "machine_busy": busy,
             "wal_bytes": delta["wal"],
@@ -595,10 +615,11 @@ def markdown(results: dict[str, Any], machine: dict[str, Any] | None = None) -> 
         'COMMIT to the receipt, at the worker with the highest p99. "vs 1" divides by the same rate\'s value '
         "with 1 worker.",
         "",
-        "| Rate (events/s) | Publishing | Workers | Primary CPU µs/event | vs 1 | Rows read/event | "
-        "Transactions/event | WAL bytes/event | NOTIFYs/s | Queue peak | Slowest worker p50 ms | p99 ms | "
-        "p99 vs 1 | Received | Achieved rate/s | Machine busy | DB connections/worker (peak) |",
-        "|" + "---|" * 17,
+        "| Rate (events/s) | Publishing | Workers | Primary CPU µs/event | vs 1 | Net of idle | vs 1 | "
+        "Rows read/event | Transactions/event | WAL bytes/event | NOTIFYs/s | Queue peak | "
+        "Slowest worker p50 ms | p99 ms | p99 vs 1 | Received | Achieved rate/s | Machine busy | "
+        "DB connections/worker (peak) |",
+        "|" + "---|" * 19,
     ]
     points = results["points"]
     base = {(p["rate"], p["batch"]): p for p in points if p["workers"] == min(sizes["workers"])}
@@ -608,12 +629,28 @@ def markdown(results: dict[str, Any], machine: dict[str, Any] | None = None) -> 
             publishing = "publish() each" if batch == 1 else f"publish_many() of {batch}"
             lines.append(
                 f"| {rate:,} | {publishing} ({p['mode']}) | {p['workers']} | {_fmt(p['cpu_us_per_event'])} | "
-                f"{_ratio(p['cpu_us_per_event'], b['cpu_us_per_event'])} | "
+                f"{_ratio(p['cpu_us_per_event'], b['cpu_us_per_event'])} | {_fmt(p['net_cpu_us_per_event'])} | "
+                f"{_ratio(p['net_cpu_us_per_event'], b['net_cpu_us_per_event'])} | "
                 f"{_fmt(p['event_rows_read_per_event'], 1)} | {_fmt(p['xact_per_event'], 2)} | "
                 f"{_fmt(p['wal_bytes_per_event'])} | {_fmt(p['notifies'] / sizes['seconds'])} | "
                 f"{p['queue_peak']:.1e} | {_fmt(p['slowest_p50_ms'], 2)} | {_fmt(p['slowest_p99_ms'], 2)} | "
                 f"{_ratio(p['slowest_p99_ms'], b['slowest_p99_ms'])} | {p['received']:,}/{p['published']:,} | "
                 f"{_fmt(p['achieved_rate'])} | {p['machine_busy']:.0%} | {p['connections']['max_per_worker']} |"
+            )
+    lines += [
+        "",
+        '"Net of idle" subtracts what the primary spends with the same clients connected and no event '
+        "(measured per worker count over a few seconds: presence writes, session re-checks), for as long as the "
+        "window.",
+        "",
+        "| Workers | Primary CPU with no events (share of a core) | Transactions/s | WAL bytes/s |",
+        "|---|---|---|---|",
+    ]
+    for n in sizes["workers"]:
+        idle = results["workers"].get(str(n), {}).get("idle")
+        if idle:
+            lines.append(
+                f"| {n} | {idle['cpu_share']:.1%} | {_fmt(idle['xact_per_s'], 1)} | {_fmt(idle['wal_per_s'])} |"
             )
     lines += [
         "",
