@@ -282,6 +282,8 @@ class Listener:
                 row = await cursor.fetchone()
                 reached = int(row[0]) if row else 0
                 if reached > shown:
+                    # It moves: after this read, ask again at once, then back off from the start.
+                    asked, delay = False, LAG_BACKOFF_MIN
                     break
 
     async def _read_visible(self, connection: psycopg.AsyncConnection) -> None:
