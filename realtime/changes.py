@@ -17,6 +17,11 @@ Only subscribers of those topics receive it, and ``realtime.topics`` decides
 every ``model:...`` topic by permission, whatever ``TOPICS`` or
 ``TOPIC_POLICY`` say: the view or change permission on the model (superusers
 hold both). So nobody learns of a change they could not see in the admin.
+A model whose ``ModelAdmin`` decides per object (it overrides
+``has_view_permission``, ``has_change_permission`` or ``get_queryset``) is
+the exception: its topics take no subscribers, and its events go, at
+publish time, to the users that admin would show the object to
+(:mod:`realtime.object_rules`).
 
 The admin is the first user of this: changes made through a Django admin
 site publish these events for every registered model, unless its
@@ -37,7 +42,7 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -45,10 +50,11 @@ from django.apps import apps
 from django.contrib.auth import get_permission_codename, get_user_model
 from django.db import connections
 from django.db.models import Model
-from django.db.models.signals import post_delete, post_save
+from django.db.models.signals import post_delete, post_save, pre_delete
 from django.utils import timezone
 
 from realtime.conf import settings
+from realtime.object_rules import allowed_users, decides_per_object, object_admins
 
 __all__ = [
     "MODEL_EVENT",
@@ -61,6 +67,8 @@ __all__ = [
     "current_actor",
     "decided_per_object",
     "decides_per_object",
+    "defer_log_entry",
+    "deferred_object_changes",
     "is_tracked",
     "model_topic",
     "newest_position",
@@ -81,6 +89,18 @@ _in_admin: contextvars.ContextVar[bool] = contextvars.ContextVar("realtime_in_ad
 # The actor of changes made now: a user, or a callable returning one (read
 # only when a change is published, so a request's lazy user costs nothing).
 _actor: contextvars.ContextVar[Any] = contextvars.ContextVar("realtime_actor", default=None)
+
+
+@dataclass
+class _Deferred:
+    """Changes to models decided per object, queued until the admin view that made them is done."""
+
+    # (label_lower, str(pk)) -> [instance, action, users decided before a delete or None, pk]
+    changes: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
+    log_entries: list[Any] = field(default_factory=list)
+
+
+_deferred: contextvars.ContextVar[_Deferred | None] = contextvars.ContextVar("realtime_deferred", default=None)
 
 
 def track(model: type[Model]) -> type[Model]:
@@ -105,6 +125,7 @@ def connect(model: type[Model]) -> None:
     """Connect the change receivers for ``model`` (idempotent); whether it publishes is decided per change."""
     uid = f"realtime.changes.{model._meta.label_lower}.{id(model)}"
     post_save.connect(_on_saved, sender=model, dispatch_uid=uid)
+    pre_delete.connect(_on_deleting, sender=model, dispatch_uid=uid)
     post_delete.connect(_on_deleted, sender=model, dispatch_uid=uid)
 
 
@@ -129,8 +150,6 @@ def admin_tracks(model: type[Model]) -> bool:
         return False
     from django.contrib.admin.sites import all_sites
 
-    if decided_per_object(model):
-        return False
     for site in all_sites:
         model_admin = site._registry.get(model)
         if model_admin is not None and getattr(model_admin, "realtime_changes", True) is not False:
@@ -138,33 +157,15 @@ def admin_tracks(model: type[Model]) -> bool:
     return False
 
 
-def decides_per_object(model_admin: Any) -> bool:
-    """Return True if ``model_admin`` overrides ``has_view_permission`` or ``has_change_permission``.
-
-    Its own code then decides who may see each object, which realtime does
-    not evaluate: the model's permissions would let others learn of objects
-    the admin hides from them. So the live admin leaves such a model alone
-    (:func:`admin_tracks` is False) and its ``admin.logentry`` events reach
-    only the user who acted.
-    """
-    from django.contrib.admin import ModelAdmin
-
-    if not isinstance(model_admin, ModelAdmin):
-        return False  # not registered (AdminSite.register skips swapped models), or not an admin
-    cls = type(model_admin)
-    return (
-        cls.has_view_permission is not ModelAdmin.has_view_permission
-        or cls.has_change_permission is not ModelAdmin.has_change_permission
-    )
-
-
 def decided_per_object(model: type[Model]) -> bool:
-    """Return True if any admin site registers ``model`` with a ModelAdmin that :func:`decides_per_object`."""
-    if not apps.is_installed("django.contrib.admin"):
-        return False
-    from django.contrib.admin.sites import all_sites
+    """Return True if a ModelAdmin registering ``model`` decides who may see each object
+    (:func:`realtime.object_rules.decides_per_object`).
 
-    return any(decides_per_object(site._registry[model]) for site in all_sites if model in site._registry)
+    Its changes then go, at publish time, to the users the admin would show
+    the object to (:func:`realtime.object_rules.allowed_users`), not to the
+    subscribers of its topics: nobody may subscribe to those.
+    """
+    return bool(object_admins(model))
 
 
 @contextlib.contextmanager
@@ -193,6 +194,49 @@ def admin_request(user: Any) -> Iterator[None]:
         _in_admin.reset(token)
 
 
+@contextlib.contextmanager
+def deferred_object_changes() -> Iterator[None]:
+    """Within this block, changes to models decided per object (and their ``admin.logentry``) are queued;
+    published when it ends without an exception, once per object.
+
+    For an admin view that saves, inside its transaction: the object rules then
+    see the object as the view left it (inlines and many-to-many fields are
+    saved after the object itself), and are evaluated once for the change and
+    its log entry. A delete is still decided before its row goes.
+    """
+    queue = _Deferred()
+    token = _deferred.set(queue)
+    try:
+        yield
+    finally:
+        _deferred.reset(token)
+    _publish_deferred(queue)
+
+
+def defer_log_entry(entry: Any) -> bool:
+    """Queue ``entry`` (an ``admin.logentry`` of a model decided per object) if changes are deferred now."""
+    queue = _deferred.get()
+    if queue is None:
+        return False
+    queue.log_entries.append(entry)
+    return True
+
+
+def _publish_deferred(queue: _Deferred) -> None:
+    from realtime.signals import publish_object_log_entry
+
+    decided: dict[tuple[str, str], list[int]] = {}
+    for key, (instance, action, users, pk) in queue.changes.items():
+        if users is None:
+            users = allowed_users(object_admins(type(instance)), instance)
+        decided[key] = users
+        publish_change(instance, action, users=users, pk=pk)
+    for entry in queue.log_entries:
+        content_type = entry.content_type
+        key = (f"{content_type.app_label}.{content_type.model}", str(entry.object_id))
+        publish_object_log_entry(entry, decided.get(key))
+
+
 def current_actor() -> Any:
     """Return the user of the innermost :func:`acting_as` block (None if none, or anonymous)."""
     actor = _actor.get()
@@ -215,7 +259,6 @@ def model_topic(model: type[Model] | Model, pk: Any = None) -> str:
     return topic if pk is None else f"{topic}:{pk}"
 
 
-@functools.lru_cache(maxsize=1024)
 def topic_permissions(topic: str) -> tuple[str, ...] | None:
     """Return the permissions any one of which allows subscribing to ``topic``.
 
@@ -223,23 +266,32 @@ def topic_permissions(topic: str) -> tuple[str, ...] | None:
     ``model:``). For ``model:<app_label>.<model_name>`` and
     ``model:<app_label>.<model_name>:<pk>``, the model's view and change
     permissions (as ``"app_label.codename"``); ``()`` (nobody) when the name
-    is malformed or names no installed model. Model names are lower case, as
-    in ``Model._meta.label_lower``.
+    is malformed or names no installed model, and for a model whose admin
+    :func:`decided_per_object` (its events are addressed to users instead).
+    Model names are lower case, as in ``Model._meta.label_lower``.
     """
     if not topic.startswith(MODEL_TOPIC_PREFIX):
         return None
+    model = _topic_model(topic)
+    if model is None or decided_per_object(model):
+        return ()
+    opts = model._meta
+    return tuple(f"{opts.app_label}.{get_permission_codename(action, opts)}" for action in ("view", "change"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _topic_model(topic: str) -> type[Model] | None:
     label = topic[len(MODEL_TOPIC_PREFIX) :].split(":", 1)[0]
     app_label, dot, model_name = label.partition(".")
     if not dot or not app_label or not model_name:
-        return ()
+        return None
     try:
         model = apps.get_model(app_label, model_name)
     except LookupError:
-        return ()
-    opts = model._meta
-    if opts.label_lower != label or topic.endswith(":"):
-        return ()
-    return tuple(f"{opts.app_label}.{get_permission_codename(action, opts)}" for action in ("view", "change"))
+        return None
+    if model._meta.label_lower != label or topic.endswith(":"):
+        return None
+    return model
 
 
 def newest_position() -> int:
@@ -333,27 +385,40 @@ def _valid_topic(topic: str) -> bool:
     return len(topic) <= TOPIC_LENGTH and topic.isprintable()
 
 
-def publish_change(instance: Model, action: str) -> None:
+def publish_change(instance: Model, action: str, *, users: list[int] | None = None, pk: Any = None) -> None:
     """Publish ``model.change`` for ``instance`` in the current transaction (tracked or not).
+
+    To the subscribers of the model's and the object's topics; for a model
+    whose admin :func:`decided_per_object`, to ``users`` instead (by default
+    :func:`realtime.object_rules.allowed_users` now, which needs the row: a
+    delete computes them before the row goes). The events name the topics
+    either way, so that pages can tell them apart and stale-save checks find them.
+    ``pk``: the object's primary key when ``instance.pk`` no longer says it (a delete clears it).
 
     Raises what :func:`realtime.publish_many` raises on a database error.
     """
     from realtime import publish_many
 
     model = type(instance)
+    if pk is None:
+        pk = instance.pk
     data = {
         "action": action,
         "model": model._meta.label_lower,
-        "pk": str(instance.pk),
+        "pk": str(pk),
         "repr": _repr(instance),
         "actor": _actor_data(),
         "at": timezone.now().isoformat(),
     }
-    events: list[dict[str, Any]] = [{"event": MODEL_EVENT, "data": data, "topic": model_topic(model)}]
-    object_topic = model_topic(model, instance.pk)
+    audience: dict[str, Any] = {}
+    admins = object_admins(model)
+    if admins:
+        audience["users"] = allowed_users(admins, instance) if users is None else users
+    events: list[dict[str, Any]] = [{"event": MODEL_EVENT, "data": data, "topic": model_topic(model), **audience}]
+    object_topic = model_topic(model, pk)
     # A primary key too long or odd for a topic (rare text keys): the model's topic still tells.
     if _valid_topic(object_topic):
-        events.append({"event": MODEL_EVENT, "data": data, "topic": object_topic})
+        events.append({"event": MODEL_EVENT, "data": data, "topic": object_topic, **audience})
     publish_many(events)
 
 
@@ -364,12 +429,37 @@ def _on_saved(
         return
     if update_fields is not None and set(update_fields) <= {"last_login"} and sender is get_user_model():
         return  # a login, not an edit
-    publish_change(instance, "created" if created else "changed")
+    action = "created" if created else "changed"
+    queue = _deferred.get()
+    if queue is not None and object_admins(sender):
+        key = (sender._meta.label_lower, str(instance.pk))
+        if key in queue.changes and queue.changes[key][1] == "created":
+            action = "created"  # created, then saved again by the same view
+        queue.changes[key] = [instance, action, None, instance.pk]
+        return
+    publish_change(instance, action)
+
+
+def _on_deleting(sender: type[Model], instance: Model, **kwargs: Any) -> None:
+    # The rules may query the row (get_queryset): decide before it goes.
+    if not is_tracked(sender):
+        return
+    admins = object_admins(sender)
+    if admins:
+        users = allowed_users(admins, instance)
+        queue = _deferred.get()
+        if queue is not None:
+            queue.changes[(sender._meta.label_lower, str(instance.pk))] = [instance, "deleted", users, instance.pk]
+        else:
+            instance._realtime_allowed = users  # type: ignore[attr-defined]
 
 
 def _on_deleted(sender: type[Model], instance: Model, **kwargs: Any) -> None:
-    if is_tracked(sender):
-        publish_change(instance, "deleted")
+    if not is_tracked(sender):
+        return
+    if _deferred.get() is not None and object_admins(sender):
+        return  # queued by _on_deleting
+    publish_change(instance, "deleted", users=getattr(instance, "_realtime_allowed", None))
 
 
 def untrack(model: type[Model]) -> None:

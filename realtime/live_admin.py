@@ -1,6 +1,6 @@
 """The live admin: model change events for every registered model, edit conflicts, lists that keep up.
 
-``install()`` (from ``RealtimeConfig.ready()``) hooks three public seams of
+``install()`` (from ``RealtimeConfig.ready()``) hooks public seams of
 ``django.contrib.admin``, so that any registered ``ModelAdmin`` works with no
 change to it:
 
@@ -15,7 +15,12 @@ change to it:
   ``_realtime_seen``, rendered by realtime's ``admin/change_form.html``); a
   POST after which the object's ``model.change`` events show a newer change
   is refused with a form error, unless the user ticks "Save anyway"
-  (``_realtime_overwrite``). An optimistic check, not a lock.
+  (``_realtime_overwrite``). An optimistic check, not a lock;
+- ``ModelAdmin.get_changelist_form`` adds the same check to each changed row
+  of a ``list_editable`` change list (the list template renders the field);
+- ``ModelAdmin.delete_view`` sends a delete confirmed on a page rendered
+  before someone else's change back to the page, as it is now, with a
+  message (:func:`stale_delete`; ``admin-live.js`` adds the field to the form).
 
 The admin's pages are made live by realtime's templates and
 ``static/realtime/admin-live.js``, from the state :func:`page_state` decides
@@ -39,13 +44,16 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from django import forms
+from django.contrib import messages
 from django.contrib.admin import ModelAdmin
 from django.contrib.admin.sites import AdminSite, all_sites
+from django.contrib.admin.utils import unquote
 from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import ValidationError
+from django.db import transaction
 from django.db.models import Model
 from django.db.models.base import ModelBase
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponseRedirect
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.formats import time_format
@@ -53,6 +61,7 @@ from django.utils.text import capfirst
 
 from realtime import changes
 from realtime.conf import settings
+from realtime.object_rules import decides_per_object
 from realtime.presence import online_connections
 
 __all__ = [
@@ -64,6 +73,7 @@ __all__ = [
     "others_here",
     "page_state",
     "seen_position",
+    "stale_delete",
 ]
 
 SEEN_FIELD = "_realtime_seen"
@@ -74,13 +84,8 @@ PK_PLACEHOLDER = "realtimepk0"
 
 
 def enabled_for(model_admin: Any) -> bool:
-    """Return True if the live admin serves ``model_admin``: setting on, not opted out, and not a
-    ModelAdmin whose own code decides who may see each object (:func:`realtime.changes.decides_per_object`)."""
-    return (
-        bool(settings.MODEL_CHANGES)
-        and getattr(model_admin, "realtime_changes", True) is not False
-        and not changes.decides_per_object(model_admin)
-    )
+    """Return True if the live admin serves ``model_admin``: setting on, and not opted out."""
+    return bool(settings.MODEL_CHANGES) and getattr(model_admin, "realtime_changes", True) is not False
 
 
 def seen_position(request: HttpRequest) -> int | None:
@@ -145,15 +150,21 @@ def page_state(context: Any) -> dict[str, Any] | None:
         obj = context.get("object")
         if url_name.endswith("_history") and isinstance(obj, Model) and "action_list" in context:
             state = _history_state(obj, request)
+        elif url_name.endswith("_delete") and isinstance(obj, Model) and "deleted_objects" in context:
+            state = _delete_state(obj, getattr(request, "_realtime_model_admin", None), request)
         elif url_name == "index" and isinstance(context.get("app_list"), list):
             state = _index_state(context["app_list"], request)
     request._realtime_page = state
     return state
 
 
-def _presence(topic: str, me: Any) -> dict[str, Any]:
+def _subscription(model: type[Model], topic: str, me: Any) -> dict[str, Any]:
+    """The page's topics and who else is here; for a model decided per object, neither: its events
+    come addressed to the user, and who views an object is not shown (the worker does not evaluate the rules)."""
+    if changes.decided_per_object(model):
+        return {"topics": [], "presence": False, "present": []}
     announced = any(fnmatchcase(topic, pattern) for pattern in settings.PRESENCE_TOPICS)
-    return {"presence": announced, "present": others_here(topic, me) if announced else []}
+    return {"topics": [topic], "presence": announced, "present": others_here(topic, me) if announced else []}
 
 
 def _form_state(context: Any, request: HttpRequest) -> dict[str, Any] | None:
@@ -168,10 +179,9 @@ def _form_state(context: Any, request: HttpRequest) -> dict[str, Any] | None:
     topic = changes.model_topic(original)
     return {
         "kind": "form",
-        **_presence(topic, request.user.pk),
+        **_subscription(type(original), topic, request.user.pk),
         "me": request.user.pk,
         "topic": topic,
-        "topics": [topic],
         "last_id": seen,
         "model": type(original)._meta.label_lower,
         "pk": str(original.pk),
@@ -184,7 +194,7 @@ def _list_state(cl: ChangeList, request: HttpRequest) -> dict[str, Any] | None:
     model = cl.model
     if not enabled_for(cl.model_admin) or not changes.admin_tracks(model):
         return None
-    position = changes.newest_position()  # before presence, as on the form
+    position = seen_position(request)  # before presence, as on the form
     topic = changes.model_topic(model)
     opts = model._meta
     change_url = reverse(
@@ -192,14 +202,71 @@ def _list_state(cl: ChangeList, request: HttpRequest) -> dict[str, Any] | None:
     )
     return {
         "kind": "list",
-        **_presence(topic, request.user.pk),
+        **_subscription(model, topic, request.user.pk),
         "me": request.user.pk,
         "topic": topic,
-        "topics": [topic],
         "last_id": position,
         "model": opts.label_lower,
         "change_url": change_url,
+        "seen": "" if position is None else str(position),
+        "conflict": any(getattr(form, "realtime_conflict", None) for form in getattr(cl.formset, "forms", None) or ()),
     }
+
+
+def _delete_state(obj: Model, model_admin: Any, request: HttpRequest) -> dict[str, Any] | None:
+    if not enabled_for(model_admin) or not changes.admin_tracks(type(obj)):
+        return None
+    seen = seen_position(request)
+    topic = changes.model_topic(obj)
+    return {
+        "kind": "delete",
+        **_subscription(type(obj), topic, request.user.pk),
+        "presence": False,
+        "present": [],
+        "me": request.user.pk,
+        "topic": topic,
+        "last_id": seen,
+        "model": type(obj)._meta.label_lower,
+        "pk": str(obj.pk),
+        "url": request.path,
+        "seen": "" if seen is None else str(seen),
+    }
+
+
+def stale_delete(model_admin: Any, request: HttpRequest, object_id: str) -> str | None:
+    """Return why a confirmed delete must be confirmed again, or None to let it go on (sync, one query or two).
+
+    A delete confirmed on a page rendered before someone else changed the
+    object: the user confirmed what they saw, not what is there now.
+    """
+    if request.method != "POST" or SEEN_FIELD not in request.POST or not enabled_for(model_admin):
+        return None
+    if not changes.admin_tracks(model_admin.model):
+        return None
+    seen = _parse_position(request.POST[SEEN_FIELD])
+    if seen is None:
+        return "This page came with a broken version marker: check the object and confirm again."
+    try:
+        obj = model_admin.get_object(request, unquote(object_id))
+    except (ValidationError, ValueError):
+        return None  # Django's own view answers for an id it cannot read
+    if obj is None:
+        return None
+    conflict = changes.changed_since(type(obj), obj.pk, seen)
+    if conflict is None or conflict.action == "deleted":
+        return None
+    name = obj._meta.verbose_name
+    if conflict.action == "unknown" or conflict.at is None:
+        return (
+            f"This page was opened too long ago to tell whether someone changed this {name} since: "
+            "check it and confirm again."
+        )
+    when = time_format(timezone.localtime(conflict.at), "H:i")
+    # Not "editor changed ...": Django's message list capitalizes the first letter, and usernames have case.
+    return (
+        f"This {name} was changed by {conflict.actor or 'someone'} at {when}, after you opened this page: "
+        "check what you are deleting and confirm again."
+    )
 
 
 def _history_state(obj: Model, request: HttpRequest) -> dict[str, Any] | None:
@@ -255,7 +322,7 @@ class StaleSaveCheck(forms.BaseForm):
     """Mixed into an admin change form: refuse a save that would overwrite a change made since the page loaded."""
 
     realtime_conflict: changes.Change | None = None
-    _realtime_object: Model
+    _realtime_object: Model | None  # None: each form's own instance (a change list's rows)
     _realtime_seen: str
     _realtime_overwrite: bool
 
@@ -271,6 +338,10 @@ class StaleSaveCheck(forms.BaseForm):
                 code="realtime_bad_marker",
             )
         obj = self._realtime_object
+        if obj is None:  # a row of a change list's list_editable formset
+            obj = getattr(self, "instance", None)
+            if obj is None or obj.pk is None or not self.has_changed():
+                return cleaned  # a row left as it was is not saved
         conflict = changes.changed_since(type(obj), obj.pk, seen)
         if conflict is None:
             return cleaned
@@ -292,7 +363,7 @@ class StaleSaveCheck(forms.BaseForm):
         raise ValidationError(message, code="realtime_conflict")
 
 
-def _checked_form(form: type[forms.BaseForm], obj: Model, seen: str, overwrite: bool) -> type[forms.BaseForm]:
+def _checked_form(form: type[forms.BaseForm], obj: Model | None, seen: str, overwrite: bool) -> type[forms.BaseForm]:
     attrs = {
         "__module__": form.__module__,
         "_realtime_object": obj,
@@ -300,6 +371,10 @@ def _checked_form(form: type[forms.BaseForm], obj: Model, seen: str, overwrite: 
         "_realtime_overwrite": overwrite,
     }
     return type(form.__name__, (StaleSaveCheck, form), attrs)
+
+
+def _object_rules_anywhere() -> bool:
+    return any(decides_per_object(model_admin) for site in all_sites for model_admin in site._registry.values())
 
 
 def _models(model_or_iterable: Any) -> Iterable[Any]:
@@ -313,6 +388,8 @@ def install() -> None:
     original_register = AdminSite.register
     original_admin_view = AdminSite.admin_view
     original_get_form = ModelAdmin.get_form
+    original_get_changelist_form = ModelAdmin.get_changelist_form
+    original_delete_view = ModelAdmin.delete_view
 
     @functools.wraps(original_register)
     def register(self: AdminSite, model_or_iterable: Any, admin_class: Any = None, **options: Any) -> None:
@@ -328,6 +405,10 @@ def install() -> None:
         @functools.wraps(inner)
         def with_actor(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
             with changes.admin_request(lambda: getattr(request, "user", None)):
+                if request.method == "POST" and _object_rules_anywhere():
+                    # Decide who sees each changed object once the view is done, still in its transaction.
+                    with transaction.atomic(), changes.deferred_object_changes():
+                        return inner(request, *args, **kwargs)
                 return inner(request, *args, **kwargs)
 
         return with_actor
@@ -348,10 +429,35 @@ def install() -> None:
             return _checked_form(form, obj, request.POST[SEEN_FIELD], request.POST.get(OVERWRITE_FIELD) == "yes")
         return form
 
+    @functools.wraps(original_get_changelist_form)
+    def get_changelist_form(self: ModelAdmin[Any], request: HttpRequest, **kwargs: Any) -> Any:
+        form = original_get_changelist_form(self, request, **kwargs)
+        if (
+            request.method == "POST"
+            and SEEN_FIELD in request.POST
+            and enabled_for(self)
+            and changes.admin_tracks(self.model)
+        ):
+            return _checked_form(form, None, request.POST[SEEN_FIELD], request.POST.get(OVERWRITE_FIELD) == "yes")
+        return form
+
+    @functools.wraps(original_delete_view)
+    def delete_view(
+        self: ModelAdmin[Any], request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
+    ) -> Any:
+        refusal = stale_delete(self, request, object_id)
+        if refusal is not None:
+            messages.warning(request, refusal)
+            return HttpResponseRedirect(request.get_full_path())  # the page again, as it is now
+        request._realtime_model_admin = self  # type: ignore[attr-defined]  # for page_state()
+        return original_delete_view(self, request, object_id, extra_context)
+
     register._realtime_wrapped = True  # type: ignore[attr-defined]
     AdminSite.register = register  # type: ignore[method-assign]
     AdminSite.admin_view = admin_view  # type: ignore[method-assign, assignment]
     ModelAdmin.get_form = get_form  # type: ignore[method-assign]
+    ModelAdmin.get_changelist_form = get_changelist_form  # type: ignore[method-assign]
+    ModelAdmin.delete_view = delete_view  # type: ignore[method-assign]
     for site in all_sites:
         for model, model_admin in site._registry.items():
             if enabled_for(model_admin):

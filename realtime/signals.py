@@ -22,13 +22,15 @@ from django.contrib.admin.models import ADDITION, CHANGE, DELETION, LogEntry, Lo
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
 from django.contrib.auth.signals import user_logged_out
+from django.core.exceptions import ValidationError
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete
 
-from realtime.changes import decided_per_object
+from realtime.changes import defer_log_entry
 from realtime.core.audience import digest
+from realtime.object_rules import allowed_users, object_admins
 from realtime.outbox import publish, publish_audience, publish_control
 
-__all__ = ["ADMIN_EVENT", "admin_event_data", "connect"]
+__all__ = ["ADMIN_EVENT", "admin_event_data", "connect", "publish_object_log_entry"]
 
 ADMIN_EVENT = "admin.logentry"
 _ACTIONS = {ADDITION: "addition", CHANGE: "change", DELETION: "deletion"}
@@ -54,7 +56,8 @@ def publish_log_entry(entry: LogEntry) -> None:
     """Publish ``entry`` to active staff who may view or change its model.
 
     When a ModelAdmin of the model decides who may see each object
-    (:func:`realtime.changes.decided_per_object`), only to the user who acted.
+    (:mod:`realtime.object_rules`), to the users it would show the object to
+    (and the user who acted), or only to the user who acted once the object is gone.
     """
     content_type = entry.content_type
     if content_type is None:
@@ -62,12 +65,28 @@ def publish_log_entry(entry: LogEntry) -> None:
         permissions = ["admin.view_logentry"]
     else:
         model_class = content_type.model_class()
-        if model_class is not None and decided_per_object(model_class):
-            publish(ADMIN_EVENT, admin_event_data(entry), users=[entry.user_id])
+        if model_class is not None and object_admins(model_class):
+            if not defer_log_entry(entry):
+                publish_object_log_entry(entry, None)
             return
         app, model = content_type.app_label, content_type.model
         permissions = [f"{app}.view_{model}", f"{app}.change_{model}"]
     publish_audience(ADMIN_EVENT, admin_event_data(entry), permissions=permissions, staff_only=True)
+
+
+def publish_object_log_entry(entry: LogEntry, allowed: list[int] | None) -> None:
+    """Publish ``entry`` of a model decided per object to ``allowed`` (the users its object's change
+    went to), else to those the admin shows the object to now; and to the user who acted."""
+    if allowed is None:
+        allowed = []
+        model_class = entry.content_type.model_class() if entry.content_type else None
+        try:
+            obj = model_class._base_manager.filter(pk=entry.object_id).first() if model_class else None
+        except (ValueError, TypeError, ValidationError):
+            obj = None  # an object_id its primary key field cannot read
+        if obj is not None:
+            allowed = allowed_users(object_admins(type(obj)), obj)
+    publish(ADMIN_EVENT, admin_event_data(entry), users=sorted({*allowed, entry.user_id}))
 
 
 def _on_log_entry_saved(sender: Any, instance: LogEntry, created: bool, raw: bool = False, **kwargs: Any) -> None:

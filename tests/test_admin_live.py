@@ -196,3 +196,67 @@ def test_who_else_is_here(presence_site, people, browser):  # noqa: F811
 
     editor.context.close()  # closing the tab ends the connection: a presence.leave follows
     alice.wait_for_selector("#realtime-present[hidden]", state="attached", timeout=WAIT)
+
+
+def publish_and_prune() -> None:
+    """Commit an event, then prune every event: a page rendered before can no longer be replayed to."""
+    from django.db import connection
+
+    from realtime import publish, retention
+
+    publish("noise", {}, everyone=True)
+    assert retention.prune(0) >= 1
+    connection.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "text"),
+    [
+        ("/admin/auth/group/{pk}/change/", "to tell whether others changed this object since"),
+        ("/admin/auth/group/", "to tell what others changed since"),
+        ("/admin/", "to show every action since"),
+    ],
+)
+def test_a_page_that_missed_more_than_retention_asks_for_a_reload(realtime_site, people, browser, path, text):  # noqa: F811
+    """A page rendered before the events after it were pruned gets a reset: it says so and offers a reload."""
+    base = realtime_site.url
+    alice = login(browser, base, "alice")
+    # The page connects only after the prune.
+    alice.context.route("**/realtime/token/", lambda route: route.abort())
+    alice.goto(base + path.format(pk=people["group"]))
+    in_thread(publish_and_prune)
+    alice.context.unroute("**/realtime/token/")
+    wait_open(alice)
+    item = alice.wait_for_selector("#realtime-reset li.warning[data-reset=yes]", timeout=WAIT)
+    kind = "list" if path.endswith("group/") else "page"
+    assert item.inner_text().strip() == f"This {kind} was opened too long ago {text}: reload."
+    assert alice.get_attribute("#realtime-reset a", "href") == path.format(pk=people["group"])
+
+
+def test_delete_page_notice_and_a_delete_confirmed_before_the_change_asked_again(realtime_site, people, browser):  # noqa: F811
+    """alice is on the delete page when editor renames the group: a notice says so, and her
+    confirmation brings her back to the page as it is now, where a second confirmation deletes."""
+    base = realtime_site.url
+    url = f"{base}/admin/auth/group/{people['group']}/delete/"
+    alice = open_live(browser, base, "alice", url)
+    editor = login(browser, base, "editor")
+    rename_group(editor, base, people["group"], "Night shift (keep)")
+
+    notice = alice.wait_for_selector("#realtime-conflict li.warning", timeout=WAIT)
+    text = notice.inner_text().strip()
+    assert re.fullmatch(r"Changed by editor at \d\d:\d\d — check what you are deleting: reload\.", text), text
+    alice.click("#content form input[type=submit]")
+    message = alice.wait_for_selector("ul.messagelist li.warning", timeout=WAIT)
+    assert "This group was changed by editor at" in message.inner_text()
+    assert "Night shift (keep)" in alice.inner_text("#content")
+    wait_open(alice)
+    alice.click("#content form input[type=submit]")
+    alice.wait_for_url(f"{base}/admin/auth/group/", timeout=WAIT)
+    assert "was deleted successfully" in alice.inner_text("ul.messagelist")
+
+
+def rename_group(page, base: str, pk: int, name: str) -> None:
+    page.goto(f"{base}/admin/auth/group/{pk}/change/")
+    page.fill("#id_name", name)
+    page.click("input[name=_save]")
+    page.wait_for_url(f"{base}/admin/auth/group/", timeout=WAIT)

@@ -20,6 +20,12 @@
 //   top of "My actions".
 // - "history": the object's new log entries are added to its history table.
 //
+// - "delete", a delete confirmation page: the form carries the event id the page was rendered at
+//   (a delete confirmed before someone else's change is asked again), and a notice says who
+//   changed the object meanwhile.
+// - every kind: on a "reset" (what the page missed can no longer be replayed), a notice asks for a
+//   reload.
+//
 // Your own changes (actor == you) are not news and do not count. Names, object texts and change
 // messages are user data: they only ever go through textContent.
 (() => {
@@ -156,6 +162,38 @@
         );
       }
       item.replaceChildren(...parts);
+      item.dataset.action = data.action;
+    });
+  }
+
+  // --- Delete page: the page's version, and a notice when someone else changes the object ----------
+
+  function deletePage() {
+    const form = () => document.querySelector("#content form input[name=post]")?.form || null;
+    whenReady(() => {
+      const target = form();
+      if (!target || target.querySelector("input[name=_realtime_seen]")) return;
+      // Compared on submit: a delete confirmed before someone else's change is asked again.
+      const seen = element("input");
+      seen.type = "hidden";
+      seen.name = "_realtime_seen";
+      seen.value = page.seen;
+      target.append(seen);
+    });
+    handlers.push((message) => {
+      if (message.event !== "model.change" || message.topic !== page.topic) return;
+      const data = message.data || {};
+      if (data.model !== page.model || String(data.pk) !== page.pk) return;
+      const item = notice("realtime-conflict", "alert", (list) => (form() ? form().before(list) : false));
+      if (!item) return;
+      const when = clock(data.at);
+      const deleted = data.action === "deleted";
+      item.replaceChildren(
+        `${deleted ? "Deleted" : "Changed"} by `,
+        element("strong", data.actor ? data.actor.username : "someone"),
+        when ? ` at ${when}` : "",
+        ...(deleted ? [" — it is already gone."] : [" — check what you are deleting: ", link("reload", page.url, false), "."]),
+      );
       item.dataset.action = data.action;
     });
   }
@@ -309,5 +347,30 @@
     });
   }
 
-  ({ form: changeForm, list: changeList, index, history })[page.kind]?.();
+  // --- Every kind: a reset ----------------------------------------------------------------------------
+
+  // The server could not replay what this page missed (it was opened longer ago than RETENTION, or
+  // the database is not the one it was rendered from): the page can no longer tell what changed.
+  const RESET_TEXT = {
+    form: "This page was opened too long ago to tell whether others changed this object since: ",
+    list: "This list was opened too long ago to tell what others changed since: ",
+    index: "This page was opened too long ago to show every action since: ",
+    history: "This page was opened too long ago to show every change since: ",
+    delete: "This page was opened too long ago to tell whether others changed this object since: ",
+  };
+
+  document.addEventListener("realtime:reset", () => {
+    whenReady(() => {
+      const item = notice("realtime-reset", "alert", (list) => {
+        const content = document.getElementById("content");
+        if (!content) return false;
+        content.prepend(list);
+      });
+      if (!item) return;
+      item.replaceChildren(RESET_TEXT[page.kind] || "", link("reload", location.pathname + location.search, false), ".");
+      item.dataset.reset = "yes";
+    });
+  });
+
+  ({ form: changeForm, list: changeList, index, history, delete: deletePage })[page.kind]?.();
 })();
