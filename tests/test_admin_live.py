@@ -230,6 +230,8 @@ def test_a_page_that_missed_more_than_retention_asks_for_a_reload(realtime_site,
     item = alice.wait_for_selector("#realtime-reset li.warning[data-reset=yes]", timeout=WAIT)
     kind = "list" if path.endswith("group/") else "page"
     assert item.inner_text().strip() == f"This {kind} was opened too long ago {text}: reload."
+    if kind == "list":
+        shoot(alice, "admin-reset-list.png")
     assert alice.get_attribute("#realtime-reset a", "href") == path.format(pk=people["group"])
 
 
@@ -245,10 +247,12 @@ def test_delete_page_notice_and_a_delete_confirmed_before_the_change_asked_again
     notice = alice.wait_for_selector("#realtime-conflict li.warning", timeout=WAIT)
     text = notice.inner_text().strip()
     assert re.fullmatch(r"Changed by editor at \d\d:\d\d — check what you are deleting: reload\.", text), text
+    shoot(alice, "admin-delete-notice.png")
     alice.click("#content form input[type=submit]")
     message = alice.wait_for_selector("ul.messagelist li.warning", timeout=WAIT)
     assert "This group was changed by editor at" in message.inner_text()
     assert "Night shift (keep)" in alice.inner_text("#content")
+    shoot(alice, "admin-delete-asked-again.png")
     wait_open(alice)
     alice.click("#content form input[type=submit]")
     alice.wait_for_url(f"{base}/admin/auth/group/", timeout=WAIT)

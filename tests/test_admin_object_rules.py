@@ -12,7 +12,7 @@ import pytest
 from tests.helpers import start_worker
 from tests.object_rules import group_rules
 from tests.test_admin_lists import rename, row
-from tests.test_admin_live import WAIT, in_thread, login, open_live, publish_sentinel
+from tests.test_admin_live import WAIT, in_thread, login, open_live, publish_sentinel, shoot
 from tests.test_browser import browser  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -60,9 +60,11 @@ def test_changes_reach_only_those_the_admin_shows_the_object_to(rules_site, team
     assert "realtime-changed" in row(alice_list, groups["alice team"]).get_attribute("class")
     notice = alice_form.wait_for_selector("#realtime-conflict li.warning", timeout=WAIT)
     assert notice.inner_text().strip().startswith("Changed by root at ")
+    shoot(alice_list, "admin-object-rules-alice.png")
 
     # bob holds the model's permissions but not this object: nothing, not even a frame.
     in_thread(publish_sentinel, teams["bob"])
     bob_list.wait_for_function("window.__events.some((e) => e.event === 'sentinel')", timeout=WAIT)
     assert [e["event"] for e in bob_list.evaluate("window.__events")] == ["sentinel"]
     assert bob_list.query_selector("#realtime-list-changes, .realtime-toast") is None
+    shoot(bob_list, "admin-object-rules-bob.png")
