@@ -27,7 +27,6 @@ import random
 import signal
 import threading
 from collections.abc import Awaitable
-from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from typing import Any
 
@@ -50,11 +49,16 @@ from realtime.worker.memory import collect_garbage_forever, return_freed_memory_
 from realtime.worker.metrics import Metrics
 from realtime.worker.presence import PresenceTracker
 from realtime.worker.registry import Registry
+from realtime.worker.threads import ReleasingExecutor
 from realtime.worker.verifier import Verifier
 
-__all__ = ["Worker", "serve_forever", "wait_for_stop_signal"]
+__all__ = ["THREAD_IDLE_RELEASE", "Worker", "serve_forever", "wait_for_stop_signal"]
 
 logger = logging.getLogger("realtime.server")
+
+# Seconds a thread of the worker's pool waits idle before closing its database connections: longer
+# than the gaps between a burst's jobs, so a busy thread keeps its connection (see docs/scaling.md).
+THREAD_IDLE_RELEASE = 10.0
 
 
 def wait_for_stop_signal() -> asyncio.Future[None]:
@@ -164,8 +168,9 @@ class Worker:
         they leave or the time runs out, for rolling deploys.
         """
         loop = asyncio.get_running_loop()
-        # The default executor has min(32, cpus + 4) threads: too few for a burst of logins.
-        loop.set_default_executor(ThreadPoolExecutor(settings.THREADS, thread_name_prefix="realtime-db"))
+        # The default executor has min(32, cpus + 4) threads: too few for a burst of logins. Its threads
+        # close their Django connections once idle: a burst of replays must not hold THREADS sessions for good.
+        loop.set_default_executor(ReleasingExecutor(settings.THREADS, release_after=THREAD_IDLE_RELEASE))
         # /metrics is rendered in process_request, in this loop's thread.
         self.metrics.tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
         await self.verifier.open()

@@ -36,14 +36,17 @@ from realtime.core.audience import Identity, digest
 from realtime.models import Ticket
 from realtime.worker.db import listener_conninfo, prepare_threshold, run_sync
 
-__all__ = ["Verifier", "sql_path_unsupported"]
+__all__ = ["POOL_IDLE_SECONDS", "POOL_SIZE", "Verifier", "sql_path_unsupported"]
 
 logger = logging.getLogger("realtime.auth")
 
 MODEL_BACKEND = "django.contrib.auth.backends.ModelBackend"
 SQL_SESSION_ENGINES = ("django.contrib.sessions.backends.db", "django.contrib.sessions.backends.cached_db")
-# A login is one short statement: a few connections keep up with thousands per second.
-POOL_SIZE = 8
+# A login is one short statement: a few connections keep up with thousands per second
+# (docs/scaling.md: what a burst used, and what a smaller pool costs).
+POOL_SIZE = 4
+# psycopg_pool closes one connection idle this long per this many seconds, down to one.
+POOL_IDLE_SECONDS = 5.0
 
 
 def sql_path_unsupported() -> str | None:
@@ -71,6 +74,7 @@ class Verifier:
                 conninfo or listener_conninfo(application_name="realtime-auth"),
                 min_size=1,
                 max_size=POOL_SIZE,
+                max_idle=POOL_IDLE_SECONDS,
                 kwargs={"autocommit": True, "prepare_threshold": prepare_threshold()},
                 open=False,
                 name="realtime-auth",
