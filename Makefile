@@ -45,9 +45,10 @@ pg-stop: $(STAMP)
 clean:
 	rm -rf $(VENV) .nox .pytest_cache .ruff_cache
 
-# make bench       : this project against a floor and Django Channels on this machine (about 18 minutes);
-#                    writes bench/results/results.md and plot.png and prints the table.
-# make bench-smoke : the benchmark harness at tiny sizes against this project only (seconds).
+# make bench       : this project against a floor and Django Channels on this machine (about 18 minutes),
+#                    then workload (g), 1 to 16 workers on one PostgreSQL (about 5 minutes); writes
+#                    bench/results/results.md, plot.png, scaling.md and scaling.png and prints the table.
+# make bench-smoke : the benchmark harness at tiny sizes against this project only, (g) included (a minute).
 # make soak        : the real stack for MINUTES (default 20) under churn and faults, on a PostgreSQL of its
 #                    own: every client must get exactly its events and the workers must not grow; writes
 #                    bench/results/soak.md and soak.png, and fails when a check does. More options go in

@@ -84,6 +84,8 @@ class ScalingSizes:
     settle: float = 1.5
     # With the clients connected and no events: the primary's cost of the workers alone.
     idle_seconds: float = 3.0
+    # With the most workers, how many connections each still holds this long after the last burst.
+    rest_after: float = 25.0
     max_connections: int = 600
 
 
@@ -98,6 +100,7 @@ SMOKE = ScalingSizes(
     settle=0.5,
     drain=20.0,
     idle_seconds=0.5,
+    rest_after=1.0,
 )
 
 
@@ -404,6 +407,10 @@ class Scaling:
             entry["replays"] = self.replays(n, servers, client, first_position)
             entry["end"] = _summary({p: dict(c) for p, c in self.sampler.connections(pids).items()})
             entry["end"]["seconds_after_last_burst"] = time.monotonic() - entry["replays"]["ended"]
+            if n == max(sizes.workers):
+                time.sleep(max(0.0, sizes.rest_after - entry["end"]["seconds_after_last_burst"]))
+                entry["rested"] = _summary({p: dict(c) for p, c in self.sampler.connections(pids).items()})
+                entry["rested"]["seconds_after_last_burst"] = time.monotonic() - entry["replays"]["ended"]
             client.close_all()
             return entry, points
         finally:
@@ -660,7 +667,7 @@ def markdown(results: dict[str, Any], machine: dict[str, Any] | None = None) -> 
         "from `pg_stat_activity` matched to each worker's sockets:",
         "",
         "| Workers | At rest (no client) | During the login burst | After it | During the rate windows | "
-        "During replays | At the end | Seconds after the last burst | All workers at their peak |",
+        "During replays | Just after | Later, with clients connected and idle | All workers at their peak |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -677,10 +684,11 @@ def markdown(results: dict[str, Any], machine: dict[str, Any] | None = None) -> 
         peak_total = max(
             [entry["logins"]["total"], entry["replays"]["total"], *(c["total"] for c in windows)], default=0
         )
+        later = entry.get("rested")
+        rested = f"{cell(later)} ({later['seconds_after_last_burst']:.0f} s after)" if later else "—"
         lines.append(
             f"| {n} | {cell(entry['at_rest'])} | {cell(entry['logins'])} | {cell(entry['after_logins'])} | "
-            f"{cell(busiest)} | {cell(entry['replays'])} | {cell(entry['end'])} | "
-            f"{entry['end']['seconds_after_last_burst']:.0f} | {peak_total} |"
+            f"{cell(busiest)} | {cell(entry['replays'])} | {cell(entry['end'])} | {rested} | {peak_total} |"
         )
     lines += [
         "",

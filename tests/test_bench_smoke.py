@@ -112,6 +112,8 @@ def test_scaling_smoke_counts_every_event_and_every_workers_connections(tmp_path
         assert entry["logins"]["ok"] == n * SCALING_SMOKE.per_worker
         assert entry["replays"]["ok"] == entry["replays"]["count"] == n * SCALING_SMOKE.replays_per_worker
         assert entry["at_rest"]["by_app_max"]["realtime-listener"] == 2
+    rested = results["workers"][str(max(SCALING_SMOKE.workers))]["rested"]
+    assert rested["by_app_max"]["realtime-listener"] == 2 and rested["seconds_after_last_burst"] >= 1.0
     report = (tmp_path / "scaling.md").read_text()
     assert report.count("| publish") == len(points)
     assert not (tmp_path / "scaling.png").exists()
