@@ -699,8 +699,12 @@ def markdown(results: dict[str, Any], machine: dict[str, Any] | None = None) -> 
         "compare ratios within one run rather than absolute values across runs.",
         "- Every worker, its clients, the publisher and PostgreSQL share the machine's cores: with many workers "
         "at high rates the machine saturates and latency then measures the queueing, not the design.",
-        "- Rows read per event count the worker reads only when a transaction's events did not fit in its NOTIFY; "
-        "publishing writes (INSERT, the commit-time position UPDATE) are in the CPU and WAL columns.",
+        "- Rows read per event include the publishing transaction's own (its commit trigger looks up the rows it "
+        "numbers: about 5 per event with one worker); the workers add about one per event each when a transaction's "
+        "events did not fit in its NOTIFY, none when they did.",
+        "- Latency counts from the moment the publisher had the COMMIT's answer; a saturated machine may run a "
+        "worker and a client before the publisher gets the CPU back, hence a p50 slightly below zero.",
+        '- "All workers at their peak" adds up each worker\'s most connections over the run.',
     ]
     return "\n".join(lines) + "\n"
 
