@@ -73,7 +73,9 @@ def database_settings(base_dir: Path) -> dict[str, Any]:
     # Django's connection pool (psycopg_pool): each process holds at most POOL_SIZE connections,
     # however many threads it runs (runserver starts one per HTTP connection; the websocket
     # worker has REALTIME["THREADS"]). A request borrows one and gives it back at its end.
-    config["OPTIONS"]["pool"] = {"min_size": 1, "max_size": POOL_SIZE, "timeout": 10}
+    # max_idle: a connection idle for a minute is closed (psycopg_pool's default keeps it ten minutes),
+    # so a burst of replays in the websocket worker does not hold THREADS sessions long after it.
+    config["OPTIONS"]["pool"] = {"min_size": 1, "max_size": POOL_SIZE, "timeout": 10, "max_idle": 60}
     config["CONN_MAX_AGE"] = 0  # the pool keeps the connections; Django refuses both at once
     # With a pool, Django checks each connection as it leaves the pool: one that died while
     # idle (PostgreSQL restarted) is replaced, not handed out.
