@@ -158,12 +158,13 @@ def page_state(context: Any) -> dict[str, Any] | None:
     return state
 
 
-def _subscription(model: type[Model], topic: str, me: Any) -> dict[str, Any]:
-    """The page's topics and who else is here; for a model decided per object, neither: its events
-    come addressed to the user, and who views an object is not shown (the worker does not evaluate the rules)."""
+def _subscription(model: type[Model], topic: str, me: Any, *, presence: bool = True) -> dict[str, Any]:
+    """The page's topics and who else is here (if ``presence``); for a model decided per object, neither:
+    its events come addressed to the user, and who views an object is not shown (the worker does not
+    evaluate the rules)."""
     if changes.decided_per_object(model):
         return {"topics": [], "presence": False, "present": []}
-    announced = any(fnmatchcase(topic, pattern) for pattern in settings.PRESENCE_TOPICS)
+    announced = presence and any(fnmatchcase(topic, pattern) for pattern in settings.PRESENCE_TOPICS)
     return {"topics": [topic], "presence": announced, "present": others_here(topic, me) if announced else []}
 
 
@@ -175,16 +176,21 @@ def _form_state(context: Any, request: HttpRequest) -> dict[str, Any] | None:
     model_admin = getattr(adminform, "model_admin", None)
     if not isinstance(original, Model) or not enabled_for(model_admin) or not changes.admin_tracks(type(original)):
         return None
+    return _object_page("form", original, request, presence=True)
+
+
+def _object_page(kind: str, obj: Model, request: HttpRequest, *, presence: bool) -> dict[str, Any]:
+    """The state of a page about one object (a change form, a delete page)."""
     seen = seen_position(request)  # before presence: what joins or leaves after it is replayed
-    topic = changes.model_topic(original)
+    topic = changes.model_topic(obj)
     return {
-        "kind": "form",
-        **_subscription(type(original), topic, request.user.pk),
+        "kind": kind,
+        **_subscription(type(obj), topic, request.user.pk, presence=presence),
         "me": request.user.pk,
         "topic": topic,
         "last_id": seen,
-        "model": type(original)._meta.label_lower,
-        "pk": str(original.pk),
+        "model": type(obj)._meta.label_lower,
+        "pk": str(obj.pk),
         "url": request.path,
         "seen": "" if seen is None else str(seen),
     }
@@ -216,21 +222,7 @@ def _list_state(cl: ChangeList, request: HttpRequest) -> dict[str, Any] | None:
 def _delete_state(obj: Model, model_admin: Any, request: HttpRequest) -> dict[str, Any] | None:
     if not enabled_for(model_admin) or not changes.admin_tracks(type(obj)):
         return None
-    seen = seen_position(request)
-    topic = changes.model_topic(obj)
-    return {
-        "kind": "delete",
-        **_subscription(type(obj), topic, request.user.pk),
-        "presence": False,
-        "present": [],
-        "me": request.user.pk,
-        "topic": topic,
-        "last_id": seen,
-        "model": type(obj)._meta.label_lower,
-        "pk": str(obj.pk),
-        "url": request.path,
-        "seen": "" if seen is None else str(seen),
-    }
+    return _object_page("delete", obj, request, presence=False)
 
 
 def stale_delete(model_admin: Any, request: HttpRequest, object_id: str) -> str | None:
