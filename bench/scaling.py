@@ -15,8 +15,12 @@ Measured per rate window, on a PostgreSQL of this run's own (pgserver's
 binaries, TCP on loopback; nothing else uses it, so its processes' CPU is
 this workload's):
 
-- the primary's CPU: utime + stime of the postmaster and every child
-  (``/proc/<pid>/stat``), plus the postmaster's reaped children, before and after;
+- the primary's CPU: the postmaster's and every child's (``/proc/<pid>/schedstat``),
+  plus the postmaster's reaped children (``cutime`` + ``cstime``), before and after,
+  less the bench's own sampler's backend; and the same per process, attributed
+  by ``pg_stat_activity`` to what it serves (a worker's LISTEN connection, its
+  reading connection, its logins, its Django threads; the publisher; PostgreSQL's
+  background processes; the sampler);
 - rows read from ``realtime_event`` (``pg_stat_user_tables``: ``seq_tup_read``
   + ``idx_tup_fetch``), ``pg_stat_database``'s ``tup_returned``,
   ``tup_fetched`` and ``xact_commit`` (no pg_stat_statements in pgserver's
@@ -27,6 +31,10 @@ this workload's):
 - connections each worker holds, by ``application_name`` (``pg_stat_activity``
   ``client_port`` matched to the worker's sockets): at rest, during the login
   burst, during the rate windows, during a burst of replays, and at the end.
+
+The floor: right after each worker count's windows, the same rates (for
+``floor_seconds``) with as many bare LISTEN processes as there were workers and
+no worker: what PostgreSQL charges for the listeners alone, in the same run.
 
 Backends flush their statistics at the end of a transaction at most once a
 second; before reading the counters the run waits a second and commits one
@@ -87,6 +95,8 @@ class ScalingSizes:
     # With the most workers, how many connections each still holds this long after the last burst.
     rest_after: float = 25.0
     max_connections: int = 600
+    # The floor: the same rates, as long each, with as many bare LISTEN processes as workers and no worker.
+    floor_seconds: float = 3.0
 
 
 FULL = ScalingSizes()
@@ -101,6 +111,7 @@ SMOKE = ScalingSizes(
     drain=20.0,
     idle_seconds=0.5,
     rest_after=1.0,
+    floor_seconds=0.5,
 )
 
 
@@ -127,15 +138,20 @@ def _children(pid: int) -> list[int]:
 
 
 def postgres_cpu_seconds(postmaster: int) -> float:
-    """CPU time (user + system) of PostgreSQL: the postmaster, its live children, and its children that exited."""
+    """CPU time of PostgreSQL: the postmaster, its live children, and its children that exited.
+
+    Live processes by ``/proc/<pid>/schedstat`` (nanoseconds, as :meth:`Sampler.backends`
+    reads them, so a backend's share can be taken out of the sum); exited ones by the
+    postmaster's ``cutime`` + ``cstime`` (clock ticks: a backend's whole life is
+    counted there once it is reaped, its time while live having been counted above).
+    """
     ticks = os.sysconf("SC_CLK_TCK")
     fields = _stat_fields(postmaster)
-    total = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime (reaped backends)
+    total = (int(fields[13]) + int(fields[14])) / ticks + _cpu_ns(postmaster) / 1e9
     for pid in _children(postmaster):
         with contextlib.suppress(OSError, IndexError, ValueError):
-            child = _stat_fields(pid)
-            total += int(child[11]) + int(child[12])
-    return total / ticks
+            total += _cpu_ns(pid) / 1e9
+    return total
 
 
 def _machine_jiffies() -> tuple[int, int]:
@@ -169,6 +185,26 @@ def _socket_inodes(pid: int) -> list[int]:
                 if target.startswith("socket:["):
                     inodes.append(int(target[8:-1]))
     return inodes
+
+
+def _cpu_ns(pid: int) -> int:
+    """CPU time a process has run, in nanoseconds (``/proc/<pid>/schedstat``: finer than utime's 10 ms ticks)."""
+    with open(f"/proc/{pid}/schedstat") as schedstat:
+        return int(schedstat.read().split()[0])
+
+
+# What the primary's processes are, for the CPU attribution (``Sampler.backends()``).
+KINDS = (
+    "listener: LISTEN",
+    "listener: read",
+    "realtime-auth",
+    "worker: Django",
+    "publisher",
+    "bench sampler",
+    "bare LISTEN",
+    "background",
+)
+BARE_LISTENER = "bench-bare-listener"
 
 
 class Sampler:
@@ -209,6 +245,52 @@ class Sampler:
                     counts[name if name in APPS else ("django" if not name else "other")] += 1
             held[pid] = counts
         return held
+
+    def backends(self, worker_pids: Sequence[int], postmaster: int) -> dict[int, tuple[str, int]]:
+        """Return {PostgreSQL process id: (kind, CPU ns so far)} for the postmaster and its children.
+
+        A kind is one of ``KINDS``: a worker's connections (matched to its sockets by
+        ``client_port``) by ``application_name``, the listener's LISTEN connection told from
+        its reading one by its last statement; the bench's own (publisher, sampler); and
+        PostgreSQL's background processes (with the postmaster).
+        """
+        from realtime.outbox import NEWEST_POSITION
+
+        with self.lock:
+            rows = self.connection.execute(
+                "SELECT pid, coalesce(backend_type, ''), coalesce(application_name, ''), coalesce(client_port, 0),"
+                " coalesce(query, '') FROM pg_stat_activity"
+            ).fetchall()
+        sockets = _tcp_sockets()
+        owner: dict[int, int] = {}
+        for pid in worker_pids:
+            for inode in _socket_inodes(pid):
+                ports = sockets.get(inode)
+                if ports and ports[1] == self.pg_port:
+                    owner[ports[0]] = pid
+        kinds: dict[int, str] = {}
+        for pid, backend_type, app, port, query in rows:
+            if backend_type != "client backend":
+                kind = "background"
+            elif app == "bench-sampler":
+                kind = "bench sampler"
+            elif app == BARE_LISTENER:
+                kind = "bare LISTEN"
+            elif int(port) not in owner:
+                kind = "publisher"
+            elif app == "realtime-listener":
+                listen = query.startswith("LISTEN") or query == NEWEST_POSITION
+                kind = "listener: LISTEN" if listen else "listener: read"
+            elif app == "realtime-auth":
+                kind = "realtime-auth"
+            else:
+                kind = "worker: Django"
+            kinds[int(pid)] = kind
+        found: dict[int, tuple[str, int]] = {}
+        for pid in [postmaster, *_children(postmaster)]:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                found[pid] = (kinds.get(pid, "background"), _cpu_ns(pid))
+        return found
 
     def queue_usage(self) -> float:
         with self.lock:
@@ -266,6 +348,17 @@ class Sampler:
         }
 
 
+def cpu_by_kind(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]]) -> dict[str, Any]:
+    """Seconds of CPU per kind between two ``Sampler.backends()`` snapshots, and how many processes of each kind."""
+    seconds: dict[str, float] = dict.fromkeys(KINDS, 0.0)
+    count: dict[str, int] = dict.fromkeys(KINDS, 0)
+    for pid, (kind, ns) in after.items():
+        # A process that started during the window (a new connection) counts from its start.
+        seconds[kind] += (ns - before[pid][1] if pid in before else ns) / 1e9
+        count[kind] += 1
+    return {"seconds": seconds, "processes": count}
+
+
 def _summary(held: dict[int, dict[str, int]]) -> dict[str, Any]:
     """Per-worker connection counts → the largest worker's count per app and in all, and the total."""
     totals = [sum(c.values()) for c in held.values()] or [0]
@@ -278,6 +371,60 @@ def _percentile(values: Sequence[float], fraction: float) -> float:
         return math.nan
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
+
+
+# The floor: what PostgreSQL charges for a listener that does nothing but LISTEN.
+
+
+def bare_listener(conninfo: str, channel: str, received: Any, ready: Any, stop: Any) -> None:
+    """A process that LISTENs on ``channel`` and only counts what arrives (the floor's listener; no query)."""
+    import psycopg
+
+    with psycopg.connect(conninfo, autocommit=True, application_name=BARE_LISTENER) as connection:
+        connection.execute(f"LISTEN {channel}")
+        ready.set()
+        while not stop.is_set():
+            for _ in connection.notifies(timeout=0.2):
+                received.value += 1
+
+
+class BareListeners:
+    """``n`` processes, each with one connection that LISTENs on the workers' channel and does nothing else."""
+
+    def __init__(self, conninfo: str, n: int, timeout: float = 60.0) -> None:
+        import multiprocessing
+
+        from realtime.outbox import NOTIFY_CHANNEL
+
+        context = multiprocessing.get_context("spawn")  # not fork: this process has threads and Django
+        self.stop = context.Event()
+        self.counts = [context.Value("q", 0, lock=False) for _ in range(n)]
+        readies = [context.Event() for _ in range(n)]
+        self.processes = [
+            context.Process(target=bare_listener, args=(conninfo, NOTIFY_CHANNEL, count, ready, self.stop), daemon=True)
+            for count, ready in zip(self.counts, readies, strict=True)
+        ]
+        try:
+            for process in self.processes:
+                process.start()
+            for ready in readies:
+                if not ready.wait(timeout):
+                    raise RuntimeError("(g) a bare listener did not start LISTENing in time")
+        except BaseException:
+            self.close()
+            raise
+
+    def received(self) -> list[int]:
+        """How many notifications each listener has received so far."""
+        return [int(count.value) for count in self.counts]
+
+    def close(self) -> None:
+        self.stop.set()
+        for process in self.processes:
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
 
 
 # The run.
@@ -315,6 +462,7 @@ class Scaling:
                 "postgresql": pg.version(),
                 "load_average_at_start": os.getloadavg(),
                 "points": [],
+                "floor": [],
                 "workers": {},
             }
             results["machine"] = machine()  # asks PostgreSQL its version: while it runs
@@ -328,6 +476,7 @@ class Scaling:
                         entry, points = self.workers_phase(n, client, agents)
                         results["workers"][str(n)] = entry
                         results["points"] += points
+                        results["floor"] += self.floor_phase(n, agents)
             finally:
                 self.sampler.close()
             results["load_average_at_end"] = os.getloadavg()
@@ -404,6 +553,16 @@ class Scaling:
                     f"slowest worker p50 {point['slowest_p50_ms']:.2f} ms p99 {point['slowest_p99_ms']:.2f} ms, "
                     f"{point['connections']['max_per_worker']} connections/worker"
                 )
+                kinds = point["cpu_by_kind"]
+                self.say(
+                    "    primary µs per commit, per process of each kind: "
+                    + ", ".join(
+                        f"{kind} {kinds['seconds'][kind] / point['commits'] / kinds['processes'][kind] * 1e6:.1f}"
+                        f" (x{kinds['processes'][kind]})"
+                        for kind in KINDS
+                        if kinds["processes"][kind]
+                    )
+                )
             entry["replays"] = self.replays(n, servers, client, first_position)
             entry["end"] = _summary({p: dict(c) for p, c in self.sampler.connections(pids).items()})
             entry["end"]["seconds_after_last_burst"] = time.monotonic() - entry["replays"]["ended"]
@@ -417,6 +576,74 @@ class Scaling:
             client.close_all()
             for server in servers:
                 server.stop()
+
+    def floor_phase(self, n: int, agents: Any) -> list[dict[str, Any]]:
+        """The floor for ``n`` workers: the same rates with ``n`` bare LISTEN processes instead (no worker)."""
+        self.say(f"(g) floor: {n} bare LISTEN process(es), no worker")
+        listeners = BareListeners(self.url, n, timeout=self.sizes.wait_timeout)
+        try:
+            time.sleep(self.sizes.settle)
+            points = []
+            for rate, batch in self.sizes.rates:
+                point = self.floor_window(n, listeners, agents, rate, batch)
+                points.append(point)
+                self.say(
+                    f"  {rate:,}/s, {batch} per commit: primary {point['cpu_us_per_event']:.0f} µs/event, "
+                    f"each bare LISTEN {point['listen_us_per_commit']:.1f} µs/commit"
+                )
+            return points
+        finally:
+            listeners.close()
+
+    def floor_window(self, n: int, listeners: BareListeners, agents: Any, rate: int, batch: int) -> dict[str, Any]:
+        """One rate window of the floor: publish as :meth:`window` does, wait until every listener has every NOTIFY."""
+        sizes = self.sizes
+        total = int(rate * sizes.floor_seconds)
+        k_base = self.k_next
+        self.k_next += total + 1000
+        users = [u.id for u in self.users[: n * sizes.per_worker]]
+        before = listeners.received()
+        backends_before = self.sampler.backends([], self.postmaster)
+        cpu_before, window_began = postgres_cpu_seconds(self.postmaster), time.monotonic()
+        busy_before = _machine_jiffies()
+        answer = agents.call(
+            0,
+            "paced_batches",
+            timeout=sizes.floor_seconds * 4 + 120,
+            rate=rate,
+            seconds=sizes.floor_seconds,
+            users=users,
+            k_base=k_base,
+            batch=batch,
+            start_at=time.time() + 0.2,
+        )
+        commits = len(answer["commits"])
+        deadline = time.monotonic() + sizes.drain
+        while time.monotonic() < deadline:
+            if min(after - first for after, first in zip(listeners.received(), before, strict=True)) >= commits:
+                break
+            time.sleep(0.02)
+        cpu_after, window_s = postgres_cpu_seconds(self.postmaster), time.monotonic() - window_began
+        by_kind = cpu_by_kind(backends_before, self.sampler.backends([], self.postmaster))
+        busy_after = _machine_jiffies()
+        notified = [after - first for after, first in zip(listeners.received(), before, strict=True)]
+        sampler_s = by_kind["seconds"]["bench sampler"]
+        return {
+            "workers": n,
+            "rate": rate,
+            "batch": batch,
+            "mode": mode_of(batch),
+            "published": total,
+            "commits": commits,
+            "notified_min": min(notified),
+            "cpu_s": cpu_after - cpu_before - sampler_s,
+            "sampler_cpu_s": sampler_s,
+            "cpu_us_per_event": (cpu_after - cpu_before - sampler_s) / max(total, 1) * 1e6,
+            "listen_us_per_commit": by_kind["seconds"]["bare LISTEN"] / max(commits, 1) / n * 1e6,
+            "cpu_by_kind": by_kind,
+            "window_s": window_s,
+            "machine_busy": (busy_after[0] - busy_before[0]) / max(busy_after[1] - busy_before[1], 1),
+        }
 
     def idle(self, seconds: float) -> dict[str, float]:
         """The primary's CPU (share of a core) and transactions per second with the clients connected, no events."""
@@ -449,6 +676,7 @@ class Scaling:
         client.set_mode("latency")
         pids = [s.process.pid for s in servers]
         counters_before = self.sampler.counters()
+        backends_before = self.sampler.backends(pids, self.postmaster)
         cpu_before, window_began = postgres_cpu_seconds(self.postmaster), time.monotonic()
         workers_before = sum(s.cpu_seconds() for s in servers)
         busy_before = _machine_jiffies()
@@ -470,6 +698,7 @@ class Scaling:
                     break
                 time.sleep(0.05)
         cpu_after, window_s = postgres_cpu_seconds(self.postmaster), time.monotonic() - window_began
+        by_kind = cpu_by_kind(backends_before, self.sampler.backends(pids, self.postmaster))
         workers_after = sum(s.cpu_seconds() for s in servers)
         busy_after = _machine_jiffies()
         wal_after = self.sampler.counters()["wal"]
@@ -502,6 +731,8 @@ class Scaling:
         elapsed = answer["end"] - answer["start"]
         delta = {key: counters_after[key] - counters_before[key] for key in counters_before}
         events = max(total, 1)
+        sampler_s = by_kind["seconds"]["bench sampler"]
+        cpu_s = cpu_after - cpu_before - sampler_s
         busy = (busy_after[0] - busy_before[0]) / max(busy_after[1] - busy_before[1], 1)
         return {
             "workers": n,
@@ -515,11 +746,14 @@ class Scaling:
             "received": received,
             "lost": total - received,
             "duplicates": duplicates,
-            "cpu_s": cpu_after - cpu_before,
-            "cpu_us_per_event": (cpu_after - cpu_before) / events * 1e6,
+            # The bench's own sampler (pg_stat_activity several times a second) is not the workers' cost.
+            "cpu_s": cpu_s,
+            "sampler_cpu_s": sampler_s,
+            "cpu_us_per_event": cpu_s / events * 1e6,
             "window_s": window_s,
+            "cpu_by_kind": by_kind,
             # Less what the workers cost the primary with no events (presence writes, re-checks) over as long.
-            "net_cpu_us_per_event": max(0.0, cpu_after - cpu_before - idle["cpu_share"] * window_s) / events * 1e6,
+            "net_cpu_us_per_event": max(0.0, cpu_s - idle["cpu_share"] * window_s) / events * 1e6,
             "worker_cpu_s": workers_after - workers_before,
             "machine_busy": busy,
             "wal_bytes": delta["wal"],
@@ -644,6 +878,7 @@ def markdown(results: dict[str, Any], machine: dict[str, Any] | None = None) -> 
                 f"{_ratio(p['slowest_p99_ms'], b['slowest_p99_ms'])} | {p['received']:,}/{p['published']:,} | "
                 f"{_fmt(p['achieved_rate'])} | {p['machine_busy']:.0%} | {p['connections']['max_per_worker']} |"
             )
+    lines += _floor_tables(results)
     lines += [
         "",
         '"Net of idle" subtracts what the primary spends with the same clients connected and no event '
@@ -709,6 +944,85 @@ def markdown(results: dict[str, Any], machine: dict[str, Any] | None = None) -> 
     return "\n".join(lines) + "\n"
 
 
+def _per_commit(point: dict[str, Any], kind: str, per_process: bool = True) -> float:
+    """µs of the primary's CPU per commit spent by the processes of ``kind`` (per process, or all of them)."""
+    kinds = point["cpu_by_kind"]
+    processes = kinds["processes"][kind] if per_process else 1
+    if not processes or not point["commits"]:
+        return math.nan
+    return kinds["seconds"][kind] / point["commits"] / processes * 1e6
+
+
+def _floor_tables(results: dict[str, Any]) -> list[str]:
+    """The workers against the floor (bare LISTEN processes, same rates, same run), and where the CPU goes."""
+    sizes = results["sizes"]
+    points, floor = results["points"], results.get("floor", [])
+    if not floor:
+        return []
+    floors = {(f["rate"], f["batch"], f["workers"]): f for f in floor}
+    first = min(sizes["workers"])
+    lines = [
+        "",
+        "## Against the floor: bare listeners on the same PostgreSQL",
+        "",
+        "Right after each worker count's windows, the same rates (same publisher, same events and payloads, "
+        f"{sizes.get('floor_seconds', 0):g} s each) with as many processes as there were workers, each holding "
+        "one connection that LISTENs on the workers' channel and does nothing else (no worker runs). That is "
+        'what PostgreSQL charges for the listeners alone: the floor. "LISTEN backend" is the CPU of one '
+        "LISTENing connection's backend per commit (`/proc/<pid>/schedstat`): a worker's and a bare "
+        "listener's; \"worker's other connections\" adds up a worker's reading, login and Django connections.",
+        "",
+        "| Rate (events/s) | Per commit | Workers | Ours µs/event | Floor µs/event | Ours / floor | "
+        "Ours vs 1 | Floor vs 1 | LISTEN backend µs/commit, a worker's | a bare listener's | "
+        "A worker's other connections µs/commit |",
+        "|" + "---|" * 11,
+    ]
+    for rate, batch in sizes["rates"]:
+        for p in (p for p in points if (p["rate"], p["batch"]) == (rate, batch)):
+            f = floors.get((rate, batch, p["workers"]))
+            if not f:
+                continue
+            ours_1 = next((q for q in points if (q["rate"], q["batch"], q["workers"]) == (rate, batch, first)), p)
+            floor_1 = floors.get((rate, batch, first), f)
+            others = sum(
+                _per_commit(p, kind, per_process=False)
+                for kind in ("listener: read", "realtime-auth", "worker: Django")
+            ) / max(p["workers"], 1)
+            lines.append(
+                f"| {rate:,} | {batch} | {p['workers']} | {_fmt(p['cpu_us_per_event'])} | "
+                f"{_fmt(f['cpu_us_per_event'])} | {_ratio(p['cpu_us_per_event'], f['cpu_us_per_event'])} | "
+                f"{_ratio(p['cpu_us_per_event'], ours_1['cpu_us_per_event'])} | "
+                f"{_ratio(f['cpu_us_per_event'], floor_1['cpu_us_per_event'])} | "
+                f"{_fmt(_per_commit(p, 'listener: LISTEN'), 1)} | {_fmt(f['listen_us_per_commit'], 1)} | "
+                f"{_fmt(others, 1)} |"
+            )
+    lines += [
+        "",
+        "## Where the primary's CPU goes",
+        "",
+        "Per window, each PostgreSQL process's CPU (`/proc/<pid>/schedstat`) by what it serves, matched through "
+        "`pg_stat_activity` (a worker's connections by `client_port` and `application_name`; its LISTEN connection "
+        "told from its reading one by its last statement), in µs per commit: per worker for a worker's "
+        "connections, in all for the rest. The bench's own sampler is left out of every CPU figure above.",
+        "",
+        "| Rate (events/s) | Per commit | Workers | LISTEN | Reading | Logins | Django | Publisher (all) | "
+        "PostgreSQL background (all) | Bench sampler (left out) |",
+        "|" + "---|" * 10,
+    ]
+    for rate, batch in sizes["rates"]:
+        for p in (p for p in points if (p["rate"], p["batch"]) == (rate, batch)):
+            n = max(p["workers"], 1)
+            per_worker = [
+                _per_commit(p, kind, per_process=False) / n
+                for kind in ("listener: LISTEN", "listener: read", "realtime-auth", "worker: Django")
+            ]
+            in_all = [_per_commit(p, kind, per_process=False) for kind in ("publisher", "background", "bench sampler")]
+            lines.append(
+                f"| {rate:,} | {batch} | {p['workers']} | " + " | ".join(_fmt(v, 1) for v in per_worker + in_all) + " |"
+            )
+    return lines
+
+
 def draw(results: dict[str, Any], path: Path) -> None:
     """Draw scaling.png: primary CPU per event and connections per worker against workers, a line per rate."""
     import matplotlib
@@ -723,7 +1037,22 @@ def draw(results: dict[str, Any], path: Path) -> None:
             (p for p in results["points"] if (p["rate"], p["batch"]) == (rate, batch)), key=lambda p: p["workers"]
         )
         label = f"{rate:,}/s, {batch} per commit ({mode_of(batch)})"
-        cpu_axes.plot([p["workers"] for p in points], [p["cpu_us_per_event"] for p in points], marker="o", label=label)
+        line = cpu_axes.plot(
+            [p["workers"] for p in points], [p["cpu_us_per_event"] for p in points], marker="o", label=label
+        )[0]
+        floor = sorted(
+            (f for f in results.get("floor", []) if (f["rate"], f["batch"]) == (rate, batch)),
+            key=lambda f: f["workers"],
+        )
+        if floor:
+            cpu_axes.plot(
+                [f["workers"] for f in floor],
+                [f["cpu_us_per_event"] for f in floor],
+                ls=":",
+                marker=".",
+                color=line.get_color(),
+                label=f"{rate:,}/s, {batch} per commit: floor (bare LISTEN processes)",
+            )
         conn_axes.plot(
             [p["workers"] for p in points],
             [p["connections"]["total"] for p in points],

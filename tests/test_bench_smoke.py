@@ -105,6 +105,8 @@ def test_scaling_smoke_counts_every_event_and_every_workers_connections(tmp_path
         # Every worker holds its two listener connections while events flow.
         assert point["connections"]["by_app_max"]["realtime-listener"] == 2
         assert point["connections"]["total"] >= 2 * point["workers"]
+        # The bench's own sampler is counted apart, and the workers' LISTEN connections are told apart.
+        assert point["sampler_cpu_s"] >= 0 and point["cpu_by_kind"]["processes"]["listener: LISTEN"] == point["workers"]
     # Table reads happen only when a transaction's events do not fit in its NOTIFY.
     assert any(p["mode"] == "table read" for p in points) and any(p["mode"] == "NOTIFY payload" for p in points)
     for n in SCALING_SMOKE.workers:
@@ -114,6 +116,16 @@ def test_scaling_smoke_counts_every_event_and_every_workers_connections(tmp_path
         assert entry["at_rest"]["by_app_max"]["realtime-listener"] == 2
     rested = results["workers"][str(max(SCALING_SMOKE.workers))]["rested"]
     assert rested["by_app_max"]["realtime-listener"] == 2 and rested["seconds_after_last_burst"] >= 1.0
+    # The floor: the same rates with as many bare LISTEN processes, each of which got every NOTIFY.
+    floor = results["floor"]
+    assert [(f["workers"], f["rate"], f["batch"]) for f in floor] == [
+        (n, rate, batch) for n in SCALING_SMOKE.workers for rate, batch in SCALING_SMOKE.rates
+    ]
+    for f in floor:
+        assert f["notified_min"] == f["commits"] > 0, f
+        assert f["cpu_by_kind"]["processes"]["bare LISTEN"] == f["workers"]
+        assert f["listen_us_per_commit"] > 0
     report = (tmp_path / "scaling.md").read_text()
     assert report.count("| publish") == len(points)
+    assert "## Against the floor: bare listeners on the same PostgreSQL" in report
     assert not (tmp_path / "scaling.png").exists()
