@@ -63,7 +63,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FULL", "SMOKE", "ScalingSizes", "main", "markdown", "run"]
+__all__ = ["FULL", "REPLICA", "REPLICA_SMOKE", "SMOKE", "ScalingSizes", "main", "markdown", "run"]
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 RESULTS_DIR = BASE_DIR / "bench" / "results"
@@ -97,6 +97,9 @@ class ScalingSizes:
     max_connections: int = 600
     # The floor: the same rates, as long each, with as many bare LISTEN processes as workers and no worker.
     floor_seconds: float = 3.0
+    # The --replica variant: each worker count twice, the workers reading from the primary and from a
+    # streaming replica of it (REALTIME["READ_DATABASE"]), in alternating order; no floor.
+    replica: bool = False
 
 
 FULL = ScalingSizes()
@@ -112,6 +115,16 @@ SMOKE = ScalingSizes(
     idle_seconds=0.5,
     rest_after=1.0,
     floor_seconds=0.5,
+)
+
+
+# The --replica variant: the table-read rate and one payload rate, 1, 4 and 16 workers, each reading
+# from the primary and from the replica. No floor (the full run has it), no 25 s rest sample.
+REPLICA = replace(
+    FULL, workers=(1, 4, 16), rates=((5_000, 16), (5_000, 100)), rest_after=0.0, floor_seconds=0.0, replica=True
+)
+REPLICA_SMOKE = replace(
+    SMOKE, workers=(1,), rates=((200, 10), (400, 40)), rest_after=0.0, floor_seconds=0.0, replica=True
 )
 
 
@@ -202,6 +215,7 @@ KINDS = (
     "publisher",
     "bench sampler",
     "bare LISTEN",
+    "walsender",
     "background",
 )
 BARE_LISTENER = "bench-bare-listener"
@@ -270,7 +284,9 @@ class Sampler:
                     owner[ports[0]] = pid
         kinds: dict[int, str] = {}
         for pid, backend_type, app, port, query in rows:
-            if backend_type != "client backend":
+            if backend_type == "walsender":
+                kind = "walsender"  # a streaming replica's (the --replica variant)
+            elif backend_type != "client backend":
                 kind = "background"
             elif app == "bench-sampler":
                 kind = "bench sampler"
@@ -323,6 +339,17 @@ class Sampler:
             stop.set()
             thread.join(10)
             found["peak"] = {pid: dict(c) for pid, c in found["peak"].items()}
+
+    def event_rows(self) -> dict[str, float]:
+        """``realtime_event``'s scans and rows read so far (works on a hot standby too)."""
+        with self.lock:
+            self.connection.execute("SELECT pg_stat_clear_snapshot()")
+            row = self.connection.execute(
+                "SELECT coalesce(seq_scan, 0), coalesce(seq_tup_read, 0), coalesce(idx_scan, 0),"
+                " coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables WHERE relname = 'realtime_event'"
+            ).fetchone()
+        seq_scan, seq_read, idx_scan, idx_fetch = row or (0, 0, 0, 0)
+        return {"event_scans": float(seq_scan + idx_scan), "event_rows_read": float(seq_read + idx_fetch)}
 
     def counters(self) -> dict[str, float]:
         """The cumulative counters a window is measured by (WAL position, database and outbox statistics)."""
@@ -438,6 +465,8 @@ class Scaling:
         self.work = work
         self.say = say
         self.k_next = 1
+        self.standby: Any = None  # the --replica variant's streaming replica (bench.replica.Standby)
+        self.replica_sampler: Sampler | None = None
 
     def run(self) -> dict[str, Any]:
         from bench import dbsetup
@@ -471,7 +500,9 @@ class Scaling:
                     LoadClient(sizes.client_processes) as client,
                     AgentPool("ours", 1, "bench.settings", self.url) as agents,
                 ):
-                    for n in sizes.workers:
+                    if sizes.replica:
+                        self.replica_phases(pg, client, agents, results)
+                    for n in [] if sizes.replica else sizes.workers:
                         self.say(f"(g) {n} worker(s), {n * sizes.per_worker:,} connections")
                         entry, points = self.workers_phase(n, client, agents)
                         results["workers"][str(n)] = entry
@@ -479,6 +510,10 @@ class Scaling:
                         results["floor"] += self.floor_phase(n, agents)
             finally:
                 self.sampler.close()
+                if self.replica_sampler is not None:
+                    self.replica_sampler.close()
+                if self.standby is not None:
+                    self.standby.stop()
             results["load_average_at_end"] = os.getloadavg()
             results["duration_s"] = time.monotonic() - began
             return results
@@ -488,14 +523,43 @@ class Scaling:
             connections.close_all()
             pg.stop()
 
-    def start_workers(self, n: int) -> list[Any]:
-        """Start ``n`` single-worker servers (from this thread: they die with the thread that started them)."""
+    def replica_phases(self, pg: Any, client: Any, agents: Any, results: dict[str, Any]) -> None:
+        """The --replica variant: a streaming replica of ``pg``; each worker count reading from either."""
+        from bench.replica import start_standby
+
+        sizes = self.sizes
+        began = time.monotonic()
+        self.standby = start_standby(pg, self.work / "replica", sizes.max_connections)
+        self.standby.wait_caught_up(self.url)
+        results["replica"] = {"port": self.standby.port, "setup_s": time.monotonic() - began}
+        self.say(f"(g) replica on port {self.standby.port}, ready in {results['replica']['setup_s']:.1f} s")
+        self.replica_postmaster = self.standby.postmaster()
+        self.replica_sampler = Sampler(self.standby.conninfo(DATABASE), self.standby.port, DATABASE)
+        for i, n in enumerate(sizes.workers):
+            # Alternate which goes first, so that a drift of the machine's load does not favour one.
+            for read in ("primary", "replica") if i % 2 == 0 else ("replica", "primary"):
+                self.say(f"(g) {n} worker(s) reading from the {read}, {n * sizes.per_worker:,} connections")
+                entry, points = self.workers_phase(n, client, agents, read)
+                results["workers"][f"{n} {read}"] = entry
+                results["points"] += points
+
+    def start_workers(self, n: int, read: str = "primary") -> list[Any]:
+        """Start ``n`` single-worker servers (from this thread: they die with the thread that started them).
+
+        ``read="replica"``: with ``READ_DATABASE`` naming the run's replica (``bench.replica_settings``).
+        """
         from bench.servers import start_ours, wait_ready
 
+        settings_module, env = "bench.settings", {}
+        if read == "replica":
+            settings_module = "bench.replica_settings"
+            env = {"BENCH_REPLICA_URL": self.standby.conninfo(DATABASE, application_name=None)}
         servers: list[Any] = []
         try:
             for _ in range(n):
-                servers.append(start_ours(self.url, self.work / "logs", wait=False))
+                servers.append(
+                    start_ours(self.url, self.work / "logs", settings_module=settings_module, wait=False, extra_env=env)
+                )
             for server in servers:
                 wait_ready(server)
         except BaseException:
@@ -504,12 +568,14 @@ class Scaling:
             raise
         return servers
 
-    def workers_phase(self, n: int, client: Any, agents: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def workers_phase(
+        self, n: int, client: Any, agents: Any, read: str = "primary"
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         from bench import dbsetup
         from bench.loadclient import source_address
 
         sizes = self.sizes
-        servers = self.start_workers(n)
+        servers = self.start_workers(n, read)
         pids = [s.process.pid for s in servers]
         try:
             entry: dict[str, Any] = {"pids": pids}
@@ -546,6 +612,7 @@ class Scaling:
             points = []
             for rate, batch in sizes.rates:
                 point = self.window(n, servers, client, agents, rate, batch, entry["idle"])
+                point["reads"] = read
                 points.append(point)
                 self.say(
                     f"  {rate:,}/s, {batch} per commit ({point['mode']}): {point['received']:,}/{point['published']:,} "
@@ -566,7 +633,7 @@ class Scaling:
             entry["replays"] = self.replays(n, servers, client, first_position)
             entry["end"] = _summary({p: dict(c) for p, c in self.sampler.connections(pids).items()})
             entry["end"]["seconds_after_last_burst"] = time.monotonic() - entry["replays"]["ended"]
-            if n == max(sizes.workers):
+            if n == max(sizes.workers) and sizes.rest_after > 0:
                 time.sleep(max(0.0, sizes.rest_after - entry["end"]["seconds_after_last_burst"]))
                 entry["rested"] = _summary({p: dict(c) for p, c in self.sampler.connections(pids).items()})
                 entry["rested"]["seconds_after_last_burst"] = time.monotonic() - entry["replays"]["ended"]
@@ -677,6 +744,11 @@ class Scaling:
         pids = [s.process.pid for s in servers]
         counters_before = self.sampler.counters()
         backends_before = self.sampler.backends(pids, self.postmaster)
+        replica = self.replica_sampler
+        if replica is not None:
+            replica_rows_before = replica.event_rows()
+            replica_backends_before = replica.backends(pids, self.replica_postmaster)
+            replica_cpu_before = postgres_cpu_seconds(self.replica_postmaster)
         cpu_before, window_began = postgres_cpu_seconds(self.postmaster), time.monotonic()
         workers_before = sum(s.cpu_seconds() for s in servers)
         busy_before = _machine_jiffies()
@@ -699,6 +771,9 @@ class Scaling:
                 time.sleep(0.05)
         cpu_after, window_s = postgres_cpu_seconds(self.postmaster), time.monotonic() - window_began
         by_kind = cpu_by_kind(backends_before, self.sampler.backends(pids, self.postmaster))
+        if replica is not None:
+            replica_cpu_after = postgres_cpu_seconds(self.replica_postmaster)
+            replica_by_kind = cpu_by_kind(replica_backends_before, replica.backends(pids, self.replica_postmaster))
         workers_after = sum(s.cpu_seconds() for s in servers)
         busy_after = _machine_jiffies()
         wal_after = self.sampler.counters()["wal"]
@@ -709,6 +784,8 @@ class Scaling:
         time.sleep(0.5)
         counters_after = self.sampler.counters()
         counters_after["wal"] = wal_after
+        if replica is not None:
+            replica_rows_after = replica.event_rows()
         stats = client.stats()
 
         committed: dict[int, float] = {}
@@ -734,7 +811,26 @@ class Scaling:
         sampler_s = by_kind["seconds"]["bench sampler"]
         cpu_s = cpu_after - cpu_before - sampler_s
         busy = (busy_after[0] - busy_before[0]) / max(busy_after[1] - busy_before[1], 1)
+        on_replica: dict[str, Any] = {}
+        if replica is not None:
+            # The replica's CPU (its sampler left out): the workers' reads, and its WAL replay and receiver.
+            replica_sampler_s = replica_by_kind["seconds"]["bench sampler"]
+            replica_cpu_s = replica_cpu_after - replica_cpu_before - replica_sampler_s
+            on_replica = {
+                "replica_cpu_s": replica_cpu_s,
+                "replica_cpu_us_per_event": replica_cpu_s / events * 1e6,
+                "replica_cpu_by_kind": replica_by_kind,
+                "replica_event_rows_read_per_event": (
+                    replica_rows_after["event_rows_read"] - replica_rows_before["event_rows_read"]
+                )
+                / events,
+                "replica_event_scans_per_event": (
+                    replica_rows_after["event_scans"] - replica_rows_before["event_scans"]
+                )
+                / events,
+            }
         return {
+            **on_replica,
             "workers": n,
             "connections_total": conns,
             "rate": rate,
@@ -1081,13 +1177,182 @@ def draw(results: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def _us_per_event(point: dict[str, Any], kind: str, where: str = "cpu_by_kind") -> float:
+    """µs per event of all the processes of ``kind``, on the primary or (``replica_cpu_by_kind``) the replica."""
+    kinds = point.get(where)
+    if not kinds:
+        return math.nan
+    return kinds["seconds"][kind] / max(point["published"], 1) * 1e6
+
+
+def without_replication(point: dict[str, Any]) -> float:
+    """The primary's CPU per event less its walsender's: what it costs with no replica attached."""
+    return point["cpu_us_per_event"] - _us_per_event(point, "walsender")
+
+
+def markdown_replica(results: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
+    """Return scaling-replica.md: the same windows with the workers reading from the primary and from the replica."""
+    sizes = results["sizes"]
+    points = results["points"]
+    lines = ["# Benchmark (g), replica reads: the workers read the outbox from a streaming replica", ""]
+    if machine:
+        lines += [
+            f"Machine: {machine.get('cores')} cores ({machine.get('cpu')}), "
+            f"{machine.get('memory_bytes', 0) / 2**30:.0f} GiB, Python {machine.get('python')}, "
+            f"PostgreSQL {results.get('postgresql')}, {machine.get('date')}. Load average at start "
+            f"{', '.join(f'{x:.2f}' for x in results['load_average_at_start'])}, at end "
+            f"{', '.join(f'{x:.2f}' for x in results.get('load_average_at_end', []))}; "
+            f"run took {results.get('duration_s', 0) / 60:.1f} min.",
+            "",
+        ]
+    lines += [
+        "`python -m bench.scaling --replica`. The run's PostgreSQL (the primary, TCP on loopback) gets a streaming "
+        "replica made with `pg_basebackup -R -X stream` (pgserver's binaries; hot standby, TCP on loopback, a port "
+        "of its own; stopped at the end). Each worker count runs twice, in alternating order: the workers reading "
+        'from the primary (as in the full (g) run), and with `REALTIME["READ_DATABASE"]` naming the replica '
+        "(they LISTEN on the primary and read the outbox and replays from the replica). Each phase has its own "
+        f"workers and clients ({sizes['per_worker']} per worker, one user each); each rate runs "
+        f"{sizes['seconds']:g} s, each event to one connected user (every worker receives it, one delivers it).",
+        "",
+        "Primary CPU is its processes' CPU over the window (`/proc/<pid>/schedstat`, exited children included, "
+        "the bench's sampler left out) per event published; it includes the walsender that streams to the "
+        'replica, which runs through both kinds of phase, so "without the walsender" is the primary\'s cost with '
+        "no replica attached. Replica CPU is the replica's processes' alike (its WAL replay and receiver "
+        "included); \"workers' reads\" is its backends serving the workers. Rows read are `realtime_event`'s "
+        "`seq_tup_read + idx_tup_fetch` on each server (on the primary they include the publishing commits' own, "
+        "about 5 per event). Latency is from the publisher's COMMIT to the receipt, at the worker with the "
+        'highest p99. "vs 1" divides by the same rate and reads with 1 worker.',
+        "",
+        "| Rate (events/s) | Publishing | Workers | Reads from | Primary CPU µs/event | vs 1 | Without the "
+        "walsender | vs 1 | Walsender µs/event | LISTEN backend µs/commit per worker | Worker connections on the "
+        "primary, reading and Django µs/event (all) | Replica CPU µs/event | of which the workers' reads | "
+        "Rows read/event, primary | replica | Slowest worker p50 ms | p99 ms | Received | Lost / duplicates | "
+        "Machine busy |",
+        "|" + "---|" * 20,
+    ]
+    first = min(sizes["workers"])
+    base = {(p["rate"], p["batch"], p["reads"]): p for p in points if p["workers"] == first}
+    for rate, batch in sizes["rates"]:
+        for read in ("primary", "replica"):
+            for p in sorted(
+                (p for p in points if (p["rate"], p["batch"], p["reads"]) == (rate, batch, read)),
+                key=lambda p: p["workers"],
+            ):
+                b = base.get((rate, batch, read), p)
+                publishing = "publish() each" if batch == 1 else f"publish_many() of {batch}"
+                reading = _us_per_event(p, "listener: read") + _us_per_event(p, "worker: Django")
+                on_replica = _us_per_event(p, "listener: read", "replica_cpu_by_kind") + _us_per_event(
+                    p, "worker: Django", "replica_cpu_by_kind"
+                )
+                lines.append(
+                    f"| {rate:,} | {publishing} ({p['mode']}) | {p['workers']} | {read} | "
+                    f"{_fmt(p['cpu_us_per_event'], 1)} | {_ratio(p['cpu_us_per_event'], b['cpu_us_per_event'])} | "
+                    f"{_fmt(without_replication(p), 1)} | {_ratio(without_replication(p), without_replication(b))} | "
+                    f"{_fmt(_us_per_event(p, 'walsender'), 1)} | {_fmt(_per_commit(p, 'listener: LISTEN'), 1)} | "
+                    f"{_fmt(reading, 1)} | {_fmt(p.get('replica_cpu_us_per_event'), 1)} | {_fmt(on_replica, 1)} | "
+                    f"{_fmt(p['event_rows_read_per_event'], 1)} | "
+                    f"{_fmt(p.get('replica_event_rows_read_per_event'), 1)} | "
+                    f"{_fmt(p['slowest_p50_ms'], 2)} | {_fmt(p['slowest_p99_ms'], 2)} | "
+                    f"{p['received']:,}/{p['published']:,} | {p['lost']} / {p['duplicates']} | "
+                    f"{p['machine_busy']:.0%} |"
+                )
+    last = max(sizes["workers"])
+    lines += [
+        "",
+        f"## {last} workers against {first}",
+        "",
+        f"The primary's CPU per event with {last} workers divided by its CPU per event with {first}, same run; "
+        "primary reads without the walsender (no replica attached), replica reads with it (the replica's cost to "
+        "the primary included). Latency: the slowest worker's, replica reads against primary reads at the same "
+        "worker count.",
+        "",
+        f"| Rate (events/s) | Publishing | Primary reads: µs/event, {first} → {last} | ratio | Replica reads: "
+        f"µs/event, {first} → {last} | ratio | p50 ms, primary → replica reads ({first} / {last} workers) | "
+        f"p99 ms, primary → replica reads ({first} / {last} workers) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    find = {(p["rate"], p["batch"], p["reads"], p["workers"]): p for p in points}
+    for rate, batch in sizes["rates"]:
+        cells = []
+        pr1, pr_n = find.get((rate, batch, "primary", first)), find.get((rate, batch, "primary", last))
+        re1, re_n = find.get((rate, batch, "replica", first)), find.get((rate, batch, "replica", last))
+        if not (pr1 and pr_n and re1 and re_n):
+            continue
+        a1, an = without_replication(pr1), without_replication(pr_n)
+        cells.append(f"{_fmt(a1, 1)} → {_fmt(an, 1)} | {_ratio(an, a1)}")
+        cells.append(f"{_fmt(re1['cpu_us_per_event'], 1)} → {_fmt(re_n['cpu_us_per_event'], 1)} | ")
+        cells[-1] += _ratio(re_n["cpu_us_per_event"], re1["cpu_us_per_event"])
+        for key in ("slowest_p50_ms", "slowest_p99_ms"):
+            cells.append(f"{_fmt(pr1[key], 2)} → {_fmt(re1[key], 2)} / {_fmt(pr_n[key], 2)} → {_fmt(re_n[key], 2)}")
+        publishing = "publish() each" if batch == 1 else f"publish_many() of {batch}"
+        lines.append(f"| {rate:,} | {publishing} ({mode_of(batch)}) | " + " | ".join(cells) + " |")
+    lost = sum(p["lost"] for p in points)
+    duplicates = sum(p["duplicates"] for p in points)
+    lines += [
+        "",
+        f"Delivery: {sum(p['received'] for p in points):,} of {sum(p['published'] for p in points):,} events "
+        f"received, {lost} lost, {duplicates} duplicated (each event counted at its one connection).",
+        "",
+        "Notes:",
+        "",
+        "- The machine is shared (2 cores here): the workers, both PostgreSQL servers, the clients and the "
+        "publisher share it, and other sessions' tests ran at the same time. Compare within this run; the full "
+        "(g) run's notes on noise apply (16-vs-1 ratios moved by up to 1.3 between runs an hour apart).",
+        "- With replica reads the replica applies every commit's WAL before a worker can read it: a worker woken "
+        "by a NOTIFY that names a position the replica has not shown yet asks again after 1, 2, 4 ... ms "
+        '(docs/delivery.md, "Replica reads"). That wait is in the replica reads\' latency.',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def draw_replica(results: dict[str, Any], path: Path) -> None:
+    """Draw scaling-replica.png: primary CPU per event and the slowest worker's p99 against workers, per read mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = results["sizes"]
+    figure, (cpu_axes, p99_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for rate, batch in sizes["rates"]:
+        color = None
+        for read, style in (("primary", "-"), ("replica", "--")):
+            points = sorted(
+                (p for p in results["points"] if (p["rate"], p["batch"], p["reads"]) == (rate, batch, read)),
+                key=lambda p: p["workers"],
+            )
+            label = f"{rate:,}/s, {batch} per commit ({mode_of(batch)}), reads from the {read}"
+            ns = [p["workers"] for p in points]
+            cpu = [without_replication(p) if read == "primary" else p["cpu_us_per_event"] for p in points]
+            line = cpu_axes.plot(ns, cpu, ls=style, marker="o", color=color, label=label)[0]
+            color = line.get_color()
+            p99_axes.plot(ns, [p["slowest_p99_ms"] for p in points], ls=style, marker="o", color=color, label=label)
+    ns = list(sizes["workers"])
+    for axes in (cpu_axes, p99_axes):
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(ns, [str(n) for n in ns])
+        axes.set_xlabel("worker processes")
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=7)
+    cpu_axes.set_ylabel("primary CPU per event (µs)")
+    cpu_axes.set_title("The primary's CPU per event (replica reads: walsender included)")
+    p99_axes.set_ylabel("commit → receipt p99 at the slowest worker (ms)")
+    p99_axes.set_title("Latency")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def write(results: dict[str, Any], out_dir: Path, *, plot: bool = True) -> None:
-    """Write scaling.json, scaling.md and (``plot``) scaling.png to ``out_dir``."""
+    """Write scaling.json, .md and (``plot``) .png to ``out_dir`` (``scaling-replica.*`` for --replica)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "scaling.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    (out_dir / "scaling.md").write_text(markdown(results, results["machine"]))
+    replica = bool(results["sizes"].get("replica"))
+    stem = "scaling-replica" if replica else "scaling"
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    report = markdown_replica if replica else markdown
+    (out_dir / f"{stem}.md").write_text(report(results, results["machine"]))
     if plot:
-        draw(results, out_dir / "scaling.png")
+        (draw_replica if replica else draw)(results, out_dir / f"{stem}.png")
 
 
 def run(sizes: ScalingSizes = FULL, out_dir: Path = RESULTS_DIR, *, plot: bool = True, quiet: bool = False) -> int:
@@ -1106,7 +1371,8 @@ def run(sizes: ScalingSizes = FULL, out_dir: Path = RESULTS_DIR, *, plot: bool =
         write(results, out_dir, plot=plot)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    say(f"(g) results: {out_dir / 'scaling.md'} ({results['duration_s'] / 60:.1f} min)")
+    stem = "scaling-replica" if sizes.replica else "scaling"
+    say(f"(g) results: {out_dir / (stem + '.md')} ({results['duration_s'] / 60:.1f} min)")
     complete = all(p["lost"] == 0 and p["duplicates"] == 0 for p in results["points"])
     return 0 if complete else 1
 
@@ -1119,8 +1385,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1, 4 and 16 workers, 3 s per rate")
     parser.add_argument("--workers", help="comma-separated worker counts (default 1,2,4,8,16)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw scaling.png (no matplotlib needed)")
+    parser.add_argument(
+        "--replica",
+        action="store_true",
+        help="replica reads: 1, 4 and 16 workers at 5,000/s in commits of 16 and of 100, each reading from the "
+        "primary and from a streaming replica (READ_DATABASE); writes scaling-replica.md, .json and .png",
+    )
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
+    if args.replica:
+        sizes = REPLICA_SMOKE if args.smoke else REPLICA
     if args.quick and not args.smoke:
         sizes = replace(sizes, workers=(1, 4, 16), seconds=3.0)
     if args.workers:

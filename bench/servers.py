@@ -176,18 +176,25 @@ def _tcp_open(port: int) -> bool:
 
 
 def start_ours(
-    database_url: str, log_dir: Path, workers: int = 1, settings_module: str = "bench.settings", *, wait: bool = True
+    database_url: str,
+    log_dir: Path,
+    workers: int = 1,
+    settings_module: str = "bench.settings",
+    *,
+    wait: bool = True,
+    extra_env: dict[str, str] | None = None,
 ) -> Server:
     """Start this project's websocket server; return once every worker answers ``/readyz`` 200.
 
-    With ``wait=False``, return at once; :func:`wait_ready` waits. Start servers from
+    With ``wait=False``, return at once; :func:`wait_ready` waits. ``extra_env`` is added to its
+    environment (say, ``BENCH_REPLICA_URL`` for ``bench.replica_settings``). Start servers from
     the main thread: each dies when the thread that started it ends (``PR_SET_PDEATHSIG``).
     """
     port = free_port()
     command = [sys.executable, "manage.py", "runwebsockets", f"127.0.0.1:{port}"]
     if workers > 1:
         command += ["--workers", str(workers)]
-    env = {"DATABASE_URL": database_url, "DJANGO_SETTINGS_MODULE": settings_module}
+    env = {"DATABASE_URL": database_url, "DJANGO_SETTINGS_MODULE": settings_module, **(extra_env or {})}
     server = _spawn("ours", command, env, log_dir, [port])
     # With SO_REUSEPORT the kernel picks a worker per connection: ask until every one must have said yes.
     streak = {"n": 0}
