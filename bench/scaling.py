@@ -530,6 +530,11 @@ class Scaling:
         sizes = self.sizes
         began = time.monotonic()
         self.standby = start_standby(pg, self.work / "replica", sizes.max_connections)
+        # The setup's users and sessions would have autovacuum run during the first window: do it now.
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            connection.execute("VACUUM ANALYZE")
         self.standby.wait_caught_up(self.url)
         results["replica"] = {"port": self.standby.port, "setup_s": time.monotonic() - began}
         self.say(f"(g) replica on port {self.standby.port}, ready in {results['replica']['setup_s']:.1f} s")
@@ -1185,6 +1190,13 @@ def _us_per_event(point: dict[str, Any], kind: str, where: str = "cpu_by_kind") 
     return kinds["seconds"][kind] / max(point["published"], 1) * 1e6
 
 
+def exited_us_per_event(point: dict[str, Any]) -> float:
+    """The primary's CPU per event not attributed to a live process: processes that exited during the window
+    (autovacuum workers, closed connections: their whole life is counted when they are reaped)."""
+    live = sum(s for kind, s in point["cpu_by_kind"]["seconds"].items() if kind != "bench sampler")
+    return point["cpu_us_per_event"] - live / max(point["published"], 1) * 1e6
+
+
 def without_replication(point: dict[str, Any]) -> float:
     """The primary's CPU per event less its walsender's: what it costs with no replica attached."""
     return point["cpu_us_per_event"] - _us_per_event(point, "walsender")
@@ -1224,11 +1236,12 @@ def markdown_replica(results: dict[str, Any], machine: dict[str, Any] | None = N
         'highest p99. "vs 1" divides by the same rate and reads with 1 worker.',
         "",
         "| Rate (events/s) | Publishing | Workers | Reads from | Primary CPU µs/event | vs 1 | Without the "
-        "walsender | vs 1 | Walsender µs/event | LISTEN backend µs/commit per worker | Worker connections on the "
+        "walsender | vs 1 | Walsender µs/event | Publisher µs/event | Exited processes µs/event | "
+        "LISTEN backend µs/commit per worker | Worker connections on the "
         "primary, reading and Django µs/event (all) | Replica CPU µs/event | of which the workers' reads | "
         "Rows read/event, primary | replica | Slowest worker p50 ms | p99 ms | Received | Lost / duplicates | "
         "Machine busy |",
-        "|" + "---|" * 20,
+        "|" + "---|" * 22,
     ]
     first = min(sizes["workers"])
     base = {(p["rate"], p["batch"], p["reads"]): p for p in points if p["workers"] == first}
@@ -1248,7 +1261,8 @@ def markdown_replica(results: dict[str, Any], machine: dict[str, Any] | None = N
                     f"| {rate:,} | {publishing} ({p['mode']}) | {p['workers']} | {read} | "
                     f"{_fmt(p['cpu_us_per_event'], 1)} | {_ratio(p['cpu_us_per_event'], b['cpu_us_per_event'])} | "
                     f"{_fmt(without_replication(p), 1)} | {_ratio(without_replication(p), without_replication(b))} | "
-                    f"{_fmt(_us_per_event(p, 'walsender'), 1)} | {_fmt(_per_commit(p, 'listener: LISTEN'), 1)} | "
+                    f"{_fmt(_us_per_event(p, 'walsender'), 1)} | {_fmt(_us_per_event(p, 'publisher'), 1)} | "
+                    f"{_fmt(exited_us_per_event(p), 1)} | {_fmt(_per_commit(p, 'listener: LISTEN'), 1)} | "
                     f"{_fmt(reading, 1)} | {_fmt(p.get('replica_cpu_us_per_event'), 1)} | {_fmt(on_replica, 1)} | "
                     f"{_fmt(p['event_rows_read_per_event'], 1)} | "
                     f"{_fmt(p.get('replica_event_rows_read_per_event'), 1)} | "
