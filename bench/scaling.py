@@ -530,11 +530,8 @@ class Scaling:
         sizes = self.sizes
         began = time.monotonic()
         self.standby = start_standby(pg, self.work / "replica", sizes.max_connections)
-        # The setup's users and sessions would have autovacuum run during the first window: do it now.
-        import psycopg
-
-        with psycopg.connect(self.url, autocommit=True) as connection:
-            connection.execute("VACUUM ANALYZE")
+        # No VACUUM ANALYZE here: with realtime_event empty, it made every publishing commit cost 10 to 30 times
+        # as much until autovacuum analyzed the table again (about a minute; the commit trigger's plan).
         self.standby.wait_caught_up(self.url)
         results["replica"] = {"port": self.standby.port, "setup_s": time.monotonic() - began}
         self.say(f"(g) replica on port {self.standby.port}, ready in {results['replica']['setup_s']:.1f} s")
@@ -1190,6 +1187,10 @@ def _us_per_event(point: dict[str, Any], kind: str, where: str = "cpu_by_kind") 
     return kinds["seconds"][kind] / max(point["published"], 1) * 1e6
 
 
+# A worker's own connections to a server (its LISTEN, reading, login and Django connections).
+WORKER_KINDS = ("listener: LISTEN", "listener: read", "realtime-auth", "worker: Django")
+
+
 def exited_us_per_event(point: dict[str, Any]) -> float:
     """The primary's CPU per event not attributed to a live process: processes that exited during the window
     (autovacuum workers, closed connections: their whole life is counted when they are reaped)."""
@@ -1278,12 +1279,15 @@ def markdown_replica(results: dict[str, Any], machine: dict[str, Any] | None = N
         f"The primary's CPU per event with {last} workers divided by its CPU per event with {first}, same run; "
         "primary reads without the walsender (no replica attached), replica reads with it (the replica's cost to "
         "the primary included). Latency: the slowest worker's, replica reads against primary reads at the same "
-        "worker count.",
+        "worker count. The last two columns: the primary's CPU in the workers' own connections (LISTEN, reading, "
+        "logins, Django), all workers together; the rest of the primary's CPU is the publisher's (which grows with "
+        "the listeners it signals, and is the noisiest part on a shared machine), the walsender's and background.",
         "",
         f"| Rate (events/s) | Publishing | Primary reads: µs/event, {first} → {last} | ratio | Replica reads: "
         f"µs/event, {first} → {last} | ratio | p50 ms, primary → replica reads ({first} / {last} workers) | "
-        f"p99 ms, primary → replica reads ({first} / {last} workers) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"p99 ms, primary → replica reads ({first} / {last} workers) | The workers' own connections on the "
+        f"primary, µs/event, {first} → {last}: primary reads | replica reads |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     find = {(p["rate"], p["batch"], p["reads"], p["workers"]): p for p in points}
     for rate, batch in sizes["rates"]:
@@ -1298,6 +1302,9 @@ def markdown_replica(results: dict[str, Any], machine: dict[str, Any] | None = N
         cells[-1] += _ratio(re_n["cpu_us_per_event"], re1["cpu_us_per_event"])
         for key in ("slowest_p50_ms", "slowest_p99_ms"):
             cells.append(f"{_fmt(pr1[key], 2)} → {_fmt(re1[key], 2)} / {_fmt(pr_n[key], 2)} → {_fmt(re_n[key], 2)}")
+        for pair in ((pr1, pr_n), (re1, re_n)):
+            own = [sum(_us_per_event(p, kind) for kind in WORKER_KINDS) for p in pair]
+            cells.append(f"{_fmt(own[0], 1)} → {_fmt(own[1], 1)}")
         publishing = "publish() each" if batch == 1 else f"publish_many() of {batch}"
         lines.append(f"| {rate:,} | {publishing} ({mode_of(batch)}) | " + " | ".join(cells) + " |")
     lost = sum(p["lost"] for p in points)
