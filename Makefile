@@ -49,6 +49,9 @@ clean:
 #                    then workload (g), 1 to 16 workers on one PostgreSQL (about 5 minutes); writes
 #                    bench/results/results.md, plot.png, scaling.md and scaling.png and prints the table.
 # make bench-smoke : the benchmark harness at tiny sizes against this project only, (g) included (a minute).
+# make bench-replica: workload (g) with replica reads (python -m bench.scaling --replica, about 4 minutes):
+#                    1, 4 and 16 workers reading from the primary and from a streaming replica of it;
+#                    writes bench/results/scaling-replica.md, .json and .png.
 # make soak        : the real stack for MINUTES (default 20) under churn and faults, on a PostgreSQL of its
 #                    own: every client must get exactly its events and the workers must not grow; writes
 #                    bench/results/soak.md and soak.png, and fails when a check does. More options go in
@@ -58,7 +61,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 MINUTES ?= 20
 SOAK_ARGS ?=
 
-.PHONY: bench bench-smoke soak
+.PHONY: bench bench-smoke bench-replica soak
 
 $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 	$(PY) -m pip install --quiet -r requirements-bench.txt
@@ -72,6 +75,9 @@ bench: $(BENCH_STAMP)
 
 bench-smoke: $(STAMP)
 	$(PY) -m pytest -q tests/test_bench_smoke.py
+
+bench-replica: $(BENCH_STAMP)
+	$(PY) -m bench.scaling --replica
 
 soak: $(BENCH_STAMP)
 	$(PY) -m bench.soak --minutes $(MINUTES) $(SOAK_ARGS)

@@ -129,3 +129,50 @@ def test_scaling_smoke_counts_every_event_and_every_workers_connections(tmp_path
     assert report.count("| publish") == len(points)
     assert "## Against the floor: bare listeners on the same PostgreSQL" in report
     assert not (tmp_path / "scaling.png").exists()
+
+
+@pytest.mark.timeout(180)
+def test_scaling_replica_smoke_reads_from_the_replica_and_delivers_every_event_once(tmp_path: Path) -> None:
+    """(g) ``--replica --smoke``: the same windows reading from the primary and from a streaming replica."""
+    import json
+    import re
+    import subprocess
+    import sys
+    from collections import Counter
+
+    from bench.scaling import REPLICA_SMOKE
+
+    command = [sys.executable, "-m", "bench.scaling", "--replica", "--smoke", "--no-plot", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=160, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "scaling-replica.json").read_text())
+    points = results["points"]
+    assert sorted((p["workers"], p["rate"], p["batch"], p["reads"]) for p in points) == sorted(
+        (n, rate, batch, read)
+        for n in REPLICA_SMOKE.workers
+        for rate, batch in REPLICA_SMOKE.rates
+        for read in ("primary", "replica")
+    )
+    for point in points:
+        assert point["received"] == point["published"] > 0 and point["lost"] == point["duplicates"] == 0, point
+        # The replica streams from the primary all along: one walsender there, and its CPU measured apart.
+        assert point["cpu_by_kind"]["processes"]["walsender"] == 1
+        assert point["replica_cpu_s"] > 0
+        table_read = point["mode"] == "table read"
+        if point["reads"] == "replica":
+            # The worker's reading connection is on the replica; the primary keeps its LISTEN connection only.
+            assert point["cpu_by_kind"]["processes"]["listener: read"] == 0
+            assert point["cpu_by_kind"]["processes"]["listener: LISTEN"] == point["workers"]
+            if table_read:
+                assert point["replica_event_rows_read_per_event"] >= point["workers"]
+        else:
+            assert point["replica_event_rows_read_per_event"] == 0
+    report = (tmp_path / "scaling-replica.md").read_text()
+    rows_by_reads = Counter(re.findall(r"^\| [\d,]+ \| [^|]+ \| \d+ \| (primary|replica) \|", report, re.M))
+    assert rows_by_reads == {"primary": len(points) // 2, "replica": len(points) // 2}
+    assert not (tmp_path / "scaling-replica.png").exists()
+    # The replica was stopped: no PostgreSQL is left on its port.
+    import socket
+
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", results["replica"]["port"]), timeout=1):
+        pass
