@@ -48,7 +48,6 @@ from typing import Any
 
 from django.apps import apps
 from django.contrib.auth import get_permission_codename, get_user_model
-from django.db import connections
 from django.db.models import Model
 from django.db.models.signals import post_delete, post_save, pre_delete
 from django.utils import timezone
@@ -300,17 +299,11 @@ def newest_position() -> int:
     Render it into a page and give it to the client as ``lastId``: events
     committed between the render and the connection are then replayed
     instead of missed. Also what :func:`changed_since` compares with.
+    Read from the primary (:func:`realtime.retention.reached_position`).
     """
-    from realtime.models import Event, RetentionHorizon
+    from realtime.retention import reached_position
 
-    sql = (
-        f"SELECT greatest((SELECT coalesce(max(position), 0) FROM {Event._meta.db_table}),"
-        f" (SELECT coalesce(max(position), 0) FROM {RetentionHorizon._meta.db_table}))"
-    )
-    with connections["default"].cursor() as cursor:
-        cursor.execute(sql)
-        (position,) = cursor.fetchone()
-    return int(position)
+    return reached_position()
 
 
 @dataclass(frozen=True)
@@ -332,7 +325,8 @@ def changed_since(model: type[Model] | Model, pk: Any, position: int) -> Change 
     changes that published events count: those made through the admin, and
     any change to a model passed to :func:`track`.
     """
-    from realtime.models import Event, RetentionHorizon
+    from realtime.models import Event
+    from realtime.retention import horizon
 
     topic = model_topic(model, pk)
     row = (
@@ -354,9 +348,9 @@ def changed_since(model: type[Model] | Model, pk: Any, position: int) -> Change 
             at=at,
             position=found or 0,  # never None: position__gt
         )
-    horizon = RetentionHorizon.objects.values_list("position", flat=True).first() or 0
-    if horizon > position:
-        return Change(action="unknown", actor=None, at=None, position=horizon)
+    pruned = horizon()
+    if pruned > position:
+        return Change(action="unknown", actor=None, at=None, position=pruned)
     return None
 
 

@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from realtime.outbox import NEWEST_POSITION, TABLE
 
-__all__ = ["REACHED_POSITION", "horizon", "newest_position", "prune", "reached_position"]
+__all__ = ["REACHED_POSITION", "horizon", "prune", "reached_position"]
 
 # How far a database (the primary, or a replica that may lag) has got: its newest
 # position, or the retention horizon when higher (pruning may have removed the
@@ -66,13 +66,6 @@ def horizon(using: str = DEFAULT_DB_ALIAS) -> int:
     """Return the highest pruned position (0 if nothing was pruned) (sync)."""
     with connections[using].cursor() as cursor:
         cursor.execute("SELECT coalesce(max(position), 0) FROM realtime_retention_horizon")
-        return int(cursor.fetchone()[0])
-
-
-def newest_position(using: str = DEFAULT_DB_ALIAS) -> int:
-    """Return the highest committed position (0 if none) (sync)."""
-    with connections[using].cursor() as cursor:
-        cursor.execute(NEWEST_POSITION)
         return int(cursor.fetchone()[0])
 
 
