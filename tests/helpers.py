@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -252,3 +253,9 @@ def web_server(args: list[str], settings_module: str = "project.settings") -> It
     finally:
         server.terminate()
         server.wait(15)
+
+
+def live_admin_state(response: Any) -> dict[str, Any] | None:
+    """The live-admin state an admin page was rendered with (``realtime.live_admin.page_state()``), or None."""
+    match = re.search(rb'<script id="realtime-admin-page" type="application/json">(.*?)</script>', response.content)
+    return None if match is None else json.loads(match.group(1))

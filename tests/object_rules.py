@@ -38,12 +38,17 @@ def _own(user: Any, name: str) -> bool:
 
 
 @contextlib.contextmanager
-def group_rules() -> Iterator[None]:
-    """Within this block the admin site's GroupAdmin has :class:`OwnGroupsOnly`'s rules."""
+def group_admin_class(cls: type[GroupAdmin]) -> Iterator[None]:
+    """Within this block the admin site's GroupAdmin instance is of class ``cls`` (its URLs are bound to it)."""
     model_admin = admin.site._registry[Group]
     original = type(model_admin)
-    model_admin.__class__ = OwnGroupsOnly
+    model_admin.__class__ = cls
     try:
         yield
     finally:
         model_admin.__class__ = original
+
+
+def group_rules() -> contextlib.AbstractContextManager[None]:
+    """Within this block the admin site's GroupAdmin has :class:`OwnGroupsOnly`'s rules."""
+    return group_admin_class(OwnGroupsOnly)

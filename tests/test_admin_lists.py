@@ -8,11 +8,11 @@ tests/test_browser.py does.
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 
+from tests.helpers import live_admin_state
 from tests.test_admin_live import WAIT, in_thread, login, open_live, publish_sentinel, shoot, wait_open
 from tests.test_admin_live import presence_site as presence_site  # (fixture)
 from tests.test_browser import browser, realtime_site  # noqa: F401  (fixtures)
@@ -223,8 +223,7 @@ def page_state(client, url: str) -> dict | None:
     """The live state a page was rendered with, or None."""
     response = client.get(url)
     assert response.status_code == 200
-    match = re.search(rb'<script id="realtime-admin-page" type="application/json">(.*?)</script>', response.content)
-    return None if match is None else json.loads(match.group(1))
+    return live_admin_state(response)
 
 
 def test_pages_are_live_only_where_allowed(settings):

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import re
-from collections.abc import Iterator
 
 import pytest
-from django.contrib.admin import site as admin_site
 from django.contrib.auth.admin import GroupAdmin
 from django.contrib.auth.models import Group
 
-from tests.helpers import logged_in, make_user
+from tests.helpers import live_admin_state, logged_in, make_user
+from tests.object_rules import group_admin_class
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -26,16 +24,9 @@ class EditableGroups(GroupAdmin):
     ordering = ("id",)
 
 
-@contextlib.contextmanager
-def editable_list() -> Iterator[None]:
-    """Within this block the admin's group list edits names inline (its views are bound to the instance)."""
-    model_admin = admin_site._registry[Group]
-    original = type(model_admin)
-    model_admin.__class__ = EditableGroups
-    try:
-        yield
-    finally:
-        model_admin.__class__ = original
+def editable_list() -> contextlib.AbstractContextManager[None]:
+    """Within this block the admin's group list edits names inline."""
+    return group_admin_class(EditableGroups)
 
 
 def rendered_seen(client) -> str:
@@ -103,11 +94,6 @@ def test_inline_edit_with_a_broken_marker_is_refused_and_without_one_is_not_chec
     assert Group.objects.get(pk=night).name == "Night 3"
 
 
-def page_state(response) -> dict:
-    text = response.content.decode()
-    return json.loads(text.split('id="realtime-admin-page" type="application/json">', 1)[1].split("</script>", 1)[0])
-
-
 def test_a_delete_confirmed_before_someone_elses_change_is_asked_again():
     """The delete page carries the event id it was rendered at; a change by someone else after it
     sends the user back to the page, as it is now, with a message saying who changed what."""
@@ -115,7 +101,7 @@ def test_a_delete_confirmed_before_someone_elses_change_is_asked_again():
     editor = logged_in(make_user("editor", staff=True, superuser=True))
     group = Group.objects.create(name="Night")
     url = f"{LIST}{group.pk}/delete/"
-    state = page_state(me.get(url))
+    state = live_admin_state(me.get(url))
     assert (state["kind"], state["topics"], state["topic"]) == (
         "delete",
         [f"model:auth.group:{group.pk}"],
@@ -133,7 +119,7 @@ def test_a_delete_confirmed_before_someone_elses_change_is_asked_again():
     assert "Night (keep!)" in text  # the page as it is now
 
     # Confirmed again from the page as it is now: deleted.
-    again = page_state(response)["seen"]
+    again = live_admin_state(response)["seen"]
     assert int(again) > int(state["seen"])
     assert me.post(url, {"post": "yes", "_realtime_seen": again}).status_code == 302
     assert not Group.objects.filter(pk=group.pk).exists()

@@ -21,6 +21,7 @@ from realtime.models import Event
 from tests.helpers import (
     assert_nothing_more,
     get_token,
+    live_admin_state,
     logged_in,
     make_user,
     open_ws,
@@ -28,7 +29,7 @@ from tests.helpers import (
     receive_events,
     start_worker,
 )
-from tests.object_rules import OwnGroupsOnly, group_rules
+from tests.object_rules import OwnGroupsOnly, group_admin_class, group_rules
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -119,14 +120,8 @@ def test_a_rule_that_raises_refuses_that_user_and_the_save_still_commits(people,
                 raise RuntimeError("rule bug")
             return super().has_view_permission(request, obj)
 
-    model_admin = admin_site._registry[Group]
-    original = type(model_admin)
-    model_admin.__class__ = Broken
-    try:
-        with caplog.at_level(logging.ERROR, logger="realtime.object_rules"):
-            assert logged_in(root).post("/admin/auth/group/add/", {"name": "alice broken"}).status_code == 302
-    finally:
-        model_admin.__class__ = original
+    with group_admin_class(Broken), caplog.at_level(logging.ERROR, logger="realtime.object_rules"):
+        assert logged_in(root).post("/admin/auth/group/add/", {"name": "alice broken"}).status_code == 302
     assert Group.objects.filter(name="alice broken").exists()
     assert [users for _, users in audiences("model.change")] == [[root.pk], [root.pk]]
     assert f"Broken refused user {alice.pk} for auth.group" in caplog.text
@@ -138,8 +133,8 @@ def test_live_pages_of_such_a_model_subscribe_to_nothing_and_still_refuse_a_stal
     root, alice = people["root"], people["alice"]
     group = Group.objects.create(name="alice plans")
     with group_rules():
-        page = logged_in(alice).get(f"/admin/auth/group/{group.pk}/change/").content.decode()
-        state = json.loads(page.split('id="realtime-admin-page" type="application/json">', 1)[1].split("</script>")[0])
+        state = live_admin_state(logged_in(alice).get(f"/admin/auth/group/{group.pk}/change/"))
+        assert state is not None
         assert (state["kind"], state["topics"], state["presence"], state["topic"]) == (
             "form",
             [],
@@ -216,10 +211,7 @@ def test_rules_see_the_object_as_the_admin_view_left_it(people):
     root, alice, bob = people["root"], people["alice"], people["bob"]
     view_user = Permission.objects.get(codename="view_user").pk
     admin = logged_in(root)
-    model_admin = admin_site._registry[Group]
-    original = type(model_admin)
-    model_admin.__class__ = ByPermission
-    try:
+    with group_admin_class(ByPermission):
         assert admin.post("/admin/auth/group/add/", {"name": "Readers", "permissions": [view_user]}).status_code == 302
         group = Group.objects.get(name="Readers")
         readers = sorted([root.pk, alice.pk, bob.pk])
@@ -232,5 +224,3 @@ def test_rules_see_the_object_as_the_admin_view_left_it(people):
         assert not group.permissions.exists()
         assert [users for _, users in audiences("model.change")] == [[root.pk]] * 2
         assert audiences("admin.logentry") == [(None, [root.pk])]
-    finally:
-        model_admin.__class__ = original
