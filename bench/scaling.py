@@ -167,6 +167,22 @@ def postgres_cpu_seconds(postmaster: int) -> float:
     return total
 
 
+def _publish(agents: Any, rate: int, seconds: float, users: list[int], k_base: int, batch: int) -> dict[str, Any]:
+    """Have the publishing agent commit ``rate`` events a second for ``seconds``, ``batch`` per commit; its answer."""
+    answer: dict[str, Any] = agents.call(
+        0,
+        "paced_batches",
+        timeout=seconds * 4 + 120,
+        rate=rate,
+        seconds=seconds,
+        users=users,
+        k_base=k_base,
+        batch=batch,
+        start_at=time.time() + 0.2,
+    )
+    return answer
+
+
 def _machine_jiffies() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine since boot (/proc/stat)."""
     with open("/proc/stat") as stat:
@@ -668,24 +684,13 @@ class Scaling:
         """One rate window of the floor: publish as :meth:`window` does, wait until every listener has every NOTIFY."""
         sizes = self.sizes
         total = int(rate * sizes.floor_seconds)
-        k_base = self.k_next
-        self.k_next += total + 1000
+        k_base = self._reserve_keys(total)
         users = [u.id for u in self.users[: n * sizes.per_worker]]
         before = listeners.received()
         backends_before = self.sampler.backends([], self.postmaster)
         cpu_before, window_began = postgres_cpu_seconds(self.postmaster), time.monotonic()
         busy_before = _machine_jiffies()
-        answer = agents.call(
-            0,
-            "paced_batches",
-            timeout=sizes.floor_seconds * 4 + 120,
-            rate=rate,
-            seconds=sizes.floor_seconds,
-            users=users,
-            k_base=k_base,
-            batch=batch,
-            start_at=time.time() + 0.2,
-        )
+        answer = _publish(agents, rate, sizes.floor_seconds, users, k_base, batch)
         commits = len(answer["commits"])
         deadline = time.monotonic() + sizes.drain
         while time.monotonic() < deadline:
@@ -725,6 +730,12 @@ class Scaling:
             "wal_per_s": (after["wal"] - before["wal"]) / seconds,
         }
 
+    def _reserve_keys(self, total: int) -> int:
+        """Return the first of ``total`` event keys no earlier window used (with a margin)."""
+        k_base = self.k_next
+        self.k_next += total + 1000
+        return k_base
+
     def _newest_position(self) -> int:
         from django.db import connection
 
@@ -740,8 +751,7 @@ class Scaling:
         conns = n * sizes.per_worker
         users = [u.id for u in self.users[:conns]]
         total = int(rate * sizes.seconds)
-        k_base = self.k_next
-        self.k_next += total + 1000
+        k_base = self._reserve_keys(total)
         client.set_mode("latency")
         pids = [s.process.pid for s in servers]
         counters_before = self.sampler.counters()
@@ -755,17 +765,7 @@ class Scaling:
         workers_before = sum(s.cpu_seconds() for s in servers)
         busy_before = _machine_jiffies()
         with self.sampler.watch(pids, hz=5) as watched:
-            answer = agents.call(
-                0,
-                "paced_batches",
-                timeout=sizes.seconds * 4 + 120,
-                rate=rate,
-                seconds=sizes.seconds,
-                users=users,
-                k_base=k_base,
-                batch=batch,
-                start_at=time.time() + 0.2,
-            )
+            answer = _publish(agents, rate, sizes.seconds, users, k_base, batch)
             deadline = time.monotonic() + sizes.drain
             while time.monotonic() < deadline:
                 if sum(p["received"] for p in client.poll()) >= total:
