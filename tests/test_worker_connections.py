@@ -8,10 +8,13 @@ close theirs once idle.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from django.db import connection
@@ -89,8 +92,35 @@ def test_login_pool_shrinks_back_after_a_burst(worker):
     assert wait_until(lambda: held("realtime-auth") == 1, POOL_IDLE_SECONDS * (POOL_SIZE + 2)), held("realtime-auth")
 
 
-def test_idle_threads_close_their_persistent_connections(transactional_db):
-    """With CONN_MAX_AGE, threads that ran a burst of logins and replays close their connections once idle."""
+def threads_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no Threads: line")
+
+
+@contextlib.contextmanager
+def most_seen(measure: Callable[[], int]) -> Iterator[list[int]]:
+    """Sample ``measure`` every 10 ms in a thread while the block runs; the list holds the highest value."""
+    highest = [measure()]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.01):
+            highest[0] = max(highest[0], measure())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield highest
+    finally:
+        done.set()
+        sampler.join()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="counts threads in /proc")
+def test_idle_threads_close_their_persistent_connections_and_stop(transactional_db):
+    """With CONN_MAX_AGE, threads that ran a burst of logins and replays close their connections once idle, and stop."""
     name = "realtime-threads-test"
     worker = start_worker(
         extra_env={
@@ -106,9 +136,16 @@ def test_idle_threads_close_their_persistent_connections(transactional_db):
             publish("missed", {"n": n}, everyone=True)
         # The topic policy (a query, then a pause) and the replays run in the worker's threads, each
         # on its thread's connection: 32 logins at a time keep many threads busy at once.
-        assert burst(worker, tokens(4, 16), name, last_id=first, topics=["news"]) > 1
+        pid = worker.process.pid
+        at_rest = threads_of(pid)
+        logins = tokens(4, 16)
+        with most_seen(lambda: threads_of(pid)) as threads_peak:
+            assert burst(worker, logins, name, last_id=first, topics=["news"]) > 1
+        assert threads_peak[0] > at_rest + 4, (at_rest, threads_peak)
         # Presence writes every few seconds may keep one thread (and its connection) warm.
         assert wait_until(lambda: held(name) <= 1, THREAD_IDLE_RELEASE + 15), held(name)
+        # The burst's threads are gone too: a worker's threads follow its load, not its busiest moment.
+        assert wait_until(lambda: threads_of(pid) <= at_rest + 1, 5), threads_of(pid)
         assert "Traceback" not in worker.log()
     finally:
         worker.stop()
