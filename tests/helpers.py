@@ -68,6 +68,14 @@ class WorkerProcess:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
 
+    def metric(self, sample: str) -> float:
+        """The value of one sample of /metrics, named as it is printed (``name`` or ``name{label="value"}``)."""
+        status, text = self.http("/metrics")
+        assert status == 200, text
+        match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
+        assert match, f"{sample} not in /metrics"
+        return float(match.group(1))
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

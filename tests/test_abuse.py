@@ -61,14 +61,24 @@ def abuse_round(worker, web, good, good_user, mallory, sockets: list[socket.sock
         for n in range(ABUSERS_PER_KIND)
         for kind in (garbage, flood, non_reader, silent)
     ]
+    accepted = 'realtime_authentications_total{outcome="accepted"}'
+    accepted_before = worker.metric(accepted)
     for thread in threads:
         thread.start()
-    # Meanwhile, events for everyone (the non-readers included), in 30 KB pieces.
+    for thread in threads:
+        thread.join(30)
+    # Every round streams into the same crowd: all 80 non-readers in (and the floods, until their
+    # 1008). Streaming while they still connect made a round's buffered peak, and with it the RSS the
+    # allocator keeps, depend on the race, and a non-reader that came in after the stream held no
+    # data, so nothing closed it before the keepalive did.
+    deadline = time.monotonic() + 30
+    while worker.metric(accepted) < accepted_before + 2 * ABUSERS_PER_KIND:
+        assert time.monotonic() < deadline, "the abusers' authentications did not all complete"
+        time.sleep(0.05)
+    # Now events for everyone (the non-readers included), in 30 KB pieces.
     blob = "y" * 30_000
     for n in range(200):
         publish("stream", {"n": n, "blob": blob}, users=[good_user, mallory])
-    for thread in threads:
-        thread.join(30)
     events = receive_events(good, 200, timeout=60)
     assert [e["data"]["n"] for e in events] == list(range(200))
     assert worker.process.poll() is None, "the server is still up"

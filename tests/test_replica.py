@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -70,14 +69,6 @@ def replica_worker(replica: Replica, transactional_db: None) -> Iterator[WorkerP
     finally:
         process.stop()
         process.log_path.unlink(missing_ok=True)
-
-
-def metric(worker: WorkerProcess, name: str) -> float:
-    status, text = worker.http("/metrics")
-    assert status == 200
-    match = re.search(rf"^{name} (\S+)$", text, re.M)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 def wait_until(condition, what: str, timeout: float = WAIT) -> None:
@@ -189,7 +180,7 @@ def test_events_arrive_once_in_order_through_the_replica(replica_worker: WorkerP
         cursor.execute(listeners + " AND datname = current_database()")
         assert cursor.fetchone()[0] == 1
     assert replica_worker.http("/readyz")[0] == 200
-    assert metric(replica_worker, "realtime_replica_lag_seconds") == 0
+    assert replica_worker.metric("realtime_replica_lag_seconds") == 0
 
 
 def realtime_status(replica: Replica) -> dict:
@@ -249,8 +240,8 @@ def test_a_paused_replica_holds_delivery_back_and_loses_nothing(replica_worker: 
     wait_until(lambda: replica_worker.http("/readyz")[0] == 503, "readyz 503 while the replica is paused")
     status, body = replica_worker.http("/readyz")
     assert status == 503 and "behind" in body
-    assert metric(replica_worker, "realtime_replica_lag_seconds") > 0.5
-    assert metric(replica_worker, "realtime_replica_lag_positions") >= 20
+    assert replica_worker.metric("realtime_replica_lag_seconds") > 0.5
+    assert replica_worker.metric("realtime_replica_lag_positions") >= 20
     publisher.join(60)
     connection.close()
     paused_status = realtime_status(replica)["replica"]
@@ -274,7 +265,7 @@ def test_a_paused_replica_holds_delivery_back_and_loses_nothing(replica_worker: 
     ids = [message["id"] for message in resumed["messages"] if message["type"] == "event"]
     assert ids == [position for position in expected if position > before[2]]  # no gap, nothing twice
     wait_until(lambda: replica_worker.http("/readyz")[0] == 200, "readyz 200 once caught up")
-    assert metric(replica_worker, "realtime_replica_lag_seconds") == 0
+    assert replica_worker.metric("realtime_replica_lag_seconds") == 0
     assert realtime_status(replica)["replica"]["positions_behind"] == 0
     live.close()
 
