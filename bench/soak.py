@@ -93,11 +93,17 @@ MEASURES = ("rss", "blocks", "fds", "threads", "tasks", "connections", "registry
 # "_other": what a measure holds besides the clients' own share (a socket, two tasks, two presence entries each).
 # Python's allocated blocks are shown, not judged: with the worker's collector thresholds
 # (realtime/worker/memory.py) cyclic garbage builds up for tens of seconds between full collections.
-FLAT = ("rss", "fds_other", "tasks_other", "presence_other", "registry_keys", "threads", "pg")
+# Threads are judged at rest (Rest): the worker's pool follows the load of its last seconds, so a
+# fault round's login burst just before a window says nothing about leaks.
+FLAT = ("rss", "fds_other", "tasks_other", "presence_other", "registry_keys", "pg")
+# How long after the load a worker's threads may take to come back to its quietest, beyond the
+# pool's own idle time (realtime.worker.server.THREAD_IDLE_RELEASE).
+REST_MARGIN = 10.0
 # Short runs are still in the allocator's warm-up: their RSS may grow this much (--minutes < RSS_MINUTES).
 RSS_MINUTES, SHORT_RUN_RSS_LIMIT = 5.0, 0.25
-# A worker's PostgreSQL connections at most: 2 listener, 8 logins, Django's pool (project/database.py).
-PG_BUDGET = 2 + 8 + int(os.environ.get("DJANGO_DB_POOL_SIZE", "10"))
+# A worker's PostgreSQL connections at most: 2 listener, 4 logins (realtime.worker.verifier.POOL_SIZE),
+# Django's pool (project/database.py).
+PG_BUDGET = 2 + 4 + int(os.environ.get("DJANGO_DB_POOL_SIZE", "10"))
 # Seconds by which presence's written picture may lag its live one (REALTIME["PRESENCE_INTERVAL"]).
 PRESENCE_LAG = 2.0
 LABELS = {
@@ -688,8 +694,9 @@ def check_flat(samples: list[dict[str, Any]], plan: Plan) -> list[Flat]:
     back over minutes, so its raw counts follow its share of the clients. What
     is left once each client's own share is taken off (a socket, two tasks, two
     presence entries), the registry's index keys (bounded by the users, groups,
-    topics and sessions there are), threads and PostgreSQL connections must not
+    topics and sessions there are) and PostgreSQL connections must not
     grow at all; the killed worker's processes are young and are reported only.
+    Its threads are judged at rest instead (:func:`threads_at_rest`).
     """
     t = plan.seconds
     windows = (0.25 * t, 0.35 * t), (0.95 * t, t + 1)
@@ -723,6 +730,47 @@ def check_flat(samples: list[dict[str, Any]], plan: Plan) -> list[Flat]:
             allowed += plan.churn_rate * PRESENCE_LAG
         out.append(Flat(measure, baseline, end, allowed))
     return out
+
+
+@dataclass
+class Rest:
+    """The never-killed worker's threads once the load stopped, against its quietest moment during the run."""
+
+    fewest: int | None  # the fewest threads in any sample of the run
+    at_end: int | None  # in the last sample of the load
+    at_rest: int | None  # once quiet (None: the worker was gone)
+    waited: float  # seconds from the end of the load to ``at_rest``
+
+    @property
+    def ok(self) -> bool:
+        # One more than the fewest: presence writes and the periodic reads may overlap.
+        return self.fewest is not None and self.at_rest is not None and self.at_rest <= self.fewest + 1
+
+
+def threads_at_rest(sampler: Sampler, slot: int, quiet_since: float) -> Rest:
+    """Wait until ``slot``'s worker is back to its fewest threads (+1), at most the pool's idle time + REST_MARGIN.
+
+    A thread of the worker's pool stops once idle for THREAD_IDLE_RELEASE seconds
+    (realtime.worker.threads); the clients stay connected, so presence and the
+    periodic reads keep one warm. Threads that never stop (a leak) fail it.
+    """
+    from realtime.worker.server import THREAD_IDLE_RELEASE
+
+    points = [s["workers"][slot]["threads"] for s in sampler.samples if slot in s["workers"]]
+    fewest, at_end = (min(points), points[-1]) if points else (None, None)
+    pid = sampler.refresh_slots().get(slot)
+    deadline = quiet_since + THREAD_IDLE_RELEASE + REST_MARGIN
+    at_rest = None
+    while pid is not None and fewest is not None:
+        try:
+            at_rest = psutil.Process(pid).num_threads()
+        except psutil.Error:
+            at_rest = None
+            break
+        if at_rest <= fewest + 1 or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    return Rest(fewest, at_end, at_rest, time.monotonic() - quiet_since)
 
 
 def scan_logs(paths: list[Path]) -> dict[str, int]:
@@ -934,6 +982,7 @@ class Soak:
         self.stop_mutating.set()
         mutator.join(30)
         quiesced = agents.call(clients, "quiesce", timeout=120)
+        quiet_since = time.monotonic()
         close_old_connections()
         final_event = publish("soak.final", {}, everyone=True)
         final = Event.objects.values_list("position", flat=True).get(pk=final_event.pk)
@@ -953,6 +1002,7 @@ class Soak:
         connection.close()
         delivery = check_delivery(events, identities, people, results, final)
         flat = check_flat(sampler.samples, self.plan)
+        rest = threads_at_rest(sampler, 1 - self.plan.victim_slot, quiet_since)
         agents.close()
         for server in reversed(servers):
             server.stop()
@@ -963,6 +1013,7 @@ class Soak:
             pg_version=pg.version(),
             delivery=delivery,
             flat=flat,
+            rest=rest,
             tracebacks=tracebacks,
             faults=self.faults,
             samples=sampler.samples,
@@ -1049,6 +1100,7 @@ class Report:
     pg_version: str
     delivery: dict[str, Delivery]
     flat: list[Flat]
+    rest: Rest
     tracebacks: dict[str, int]
     faults: list[tuple[float, str, str]]
     samples: list[dict[str, Any]]
@@ -1071,6 +1123,7 @@ class Report:
         return (
             all(d.ok for d in self.delivery.values())
             and all(f.ok for f in self.flat)
+            and self.rest.ok
             and not any(self.tracebacks.values())
             and self.fault_ok()
             and not self.behind
@@ -1103,6 +1156,15 @@ class Report:
                 f"Worker {survivor} (never killed) flat after warm-up: from [25 %, 35 %) of the run to its last 5 %",
                 not bad,
                 "see the table below" if not bad else "grew: " + ", ".join(LABELS[f.measure] for f in bad),
+            )
+        )
+        r = self.rest
+        rows.append(
+            (
+                f"Worker {survivor}'s threads back to its quietest once the load stopped",
+                r.ok,
+                f"fewest during the run {r.fewest}, at the end of the load {r.at_end},"
+                f" {r.at_rest} after {r.waited:.0f} s of quiet (allowed: {'—' if r.fewest is None else r.fewest + 1})",
             )
         )
         traced = {name: n for name, n in self.tracebacks.items() if n}
@@ -1203,12 +1265,14 @@ class Report:
             " rotation spreads them back over minutes), so what is judged is what does not follow its share of"
             " the clients: RSS, what it holds besides each client's share (one"
             " socket, two asyncio tasks, two presence entries: live and written), the registry's index keys"
-            " (bounded by the users, groups, topics and sessions there are), threads and PostgreSQL connections."
+            " (bounded by the users, groups, topics and sessions there are) and PostgreSQL connections."
             f" Allowed growth: {rss_limit:.0%} of the baseline for RSS (runs under {RSS_MINUTES:g} minutes are"
             " still in the allocator's warm-up), 5 % for the rest, plus one for counts, plus 2 % of its clients"
             f" for the differences, and for presence the churn of {PRESENCE_LAG:g} s (a presence round) by which"
             " the written picture may lag the live one. PostgreSQL connections may grow up to the worker's budget"
-            f" ({PG_BUDGET}: 2 listener, 8 logins, Django's pool), which its pools fill lazily."
+            f" ({PG_BUDGET}: 2 listener, 4 logins, Django's pool), which its pools fill lazily."
+            " Its threads follow the load of its last seconds (an idle thread of its pool stops after 10 s), so"
+            " they are judged once the load stopped: back to the fewest it had during the run, plus one."
             f" Worker {self.plan.victim_slot}'s processes are young (killed"
             " every round) and are reported above only."
             " Python's allocated blocks (`sys.getallocatedblocks()`) are shown above, not judged: with the"
