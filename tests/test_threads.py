@@ -59,13 +59,17 @@ def test_a_burst_starts_threads_that_release_and_stop_once_idle(executor: Releas
     assert executor.submit(lambda: 42).result(WAIT) == 42
 
 
-def test_a_trickle_of_work_keeps_one_thread(executor: ReleasingExecutor):
-    names = set()
-    for _ in range(20):
-        names.add(executor.submit(lambda: threading.current_thread().name).result(WAIT))
-        time.sleep(RELEASE_AFTER / 4)
-    assert len(names) == 1
-    assert executor.threads == 1
+def test_a_trickle_of_work_keeps_one_thread(releases: Releases):
+    pool = ReleasingExecutor(8, release_after=WAIT, release=releases)
+    try:
+        names = set()
+        for _ in range(20):
+            names.add(pool.submit(lambda: threading.current_thread().name).result(WAIT))
+            wait_until(lambda: len(pool._idle_inboxes) == 1)  # it hands back its result, then idles
+        assert len(names) == 1
+        assert pool.threads == 1
+    finally:
+        pool.shutdown()
 
 
 def test_the_most_recently_idle_thread_takes_the_next_job(executor: ReleasingExecutor):
@@ -73,29 +77,32 @@ def test_the_most_recently_idle_thread_takes_the_next_job(executor: ReleasingExe
     first = executor.submit(lambda: (gate.wait(WAIT), threading.current_thread().name)[1])
     second = executor.submit(lambda: threading.current_thread().name)
     second_name = second.result(WAIT)  # two threads: the first is still busy
+    # A thread hands back its result before it queues itself as idle: wait for that, in order.
+    wait_until(lambda: len(executor._idle_inboxes) == 1)
     gate.set()
     first_name = first.result(WAIT)
     assert first_name != second_name
-    wait_until(lambda: executor.threads == 2)
+    wait_until(lambda: len(executor._idle_inboxes) == 2)
     assert executor.submit(lambda: threading.current_thread().name).result(WAIT) == first_name
 
 
-def test_jobs_beyond_max_workers_wait_in_order(releases: Releases):
-    pool = ReleasingExecutor(2, release_after=RELEASE_AFTER, release=releases)
+@pytest.mark.parametrize("max_workers", [1, 2])
+def test_jobs_beyond_max_workers_wait_their_turn(releases: Releases, max_workers: int):
+    pool = ReleasingExecutor(max_workers, release_after=RELEASE_AFTER, release=releases)
     try:
         gate = threading.Event()
         order: list[int] = []
-        blockers = [pool.submit(gate.wait, WAIT) for _ in range(2)]
+        blockers = [pool.submit(gate.wait, WAIT) for _ in range(max_workers)]
         queued = [pool.submit(order.append, n) for n in range(5)]
         time.sleep(0.05)
-        assert pool.threads == 2
+        assert pool.threads == max_workers
         assert order == []
         gate.set()
         for future in blockers + queued:
             future.result(WAIT)
-        assert sorted(order) == list(range(5))
-        # Two threads took the backlog from its head: each one's share stays in order.
-        assert order.index(0) < order.index(2) and order.index(1) < order.index(3)
+        assert pool.threads <= max_workers
+        # The backlog is taken from its head; with one thread, that is the order they run in.
+        assert order == list(range(5)) if max_workers == 1 else sorted(order) == list(range(5))
     finally:
         pool.shutdown()
 
