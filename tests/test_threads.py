@@ -138,3 +138,17 @@ def test_shutdown_finishes_queued_jobs_and_joins(releases: Releases):
     assert len(releases.by) == 1
     with pytest.raises(RuntimeError):
         pool.submit(lambda: None)
+
+
+def test_a_release_that_fails_still_stops_the_thread(caplog):
+    def failing_release() -> None:
+        raise RuntimeError("connection already broken")
+
+    pool = ReleasingExecutor(1, release_after=RELEASE_AFTER, release=failing_release)
+    try:
+        assert pool.submit(lambda: 1).result(WAIT) == 1
+        wait_until(lambda: pool.threads == 0)
+        assert "could not close its database connections" in caplog.text
+        assert pool.submit(lambda: 2).result(WAIT) == 2  # its place was given back
+    finally:
+        pool.shutdown()

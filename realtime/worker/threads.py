@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from typing import Any
 from django.db import connections
 
 __all__ = ["ReleasingExecutor", "release_connections"]
+
+logger = logging.getLogger("realtime.server")
 
 _Item = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
@@ -132,7 +135,10 @@ class ReleasingExecutor(ThreadPoolExecutor):
                                 stopping_idle = True
                                 return
         finally:
-            self.release()
+            try:
+                self.release()
+            except Exception as exc:  # the thread stops all the same; its connections die with it
+                logger.warning("an idle thread could not close its database connections: %r", exc)
             with self._mutex:
                 if not stopping_idle:
                     self._taking_jobs -= 1
