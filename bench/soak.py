@@ -365,26 +365,35 @@ class Sampler:
         self.slots: dict[int, int] = {}  # slot -> current pid
         self.incarnations: list[tuple[int, int]] = []  # (slot, pid) in start order
         self._log_offset = 0
+        self._slots_lock = threading.Lock()  # refresh_slots() is called by the fault loop and the sampling thread
         self._pg: Any = None
 
     def refresh_slots(self) -> dict[int, int]:
         """Read the supervisor's "started worker N (pid P)" lines written since the last call."""
-        with open(self.ws.log_path, "rb") as log:
-            log.seek(self._log_offset)
-            chunk = log.read()
-        end = chunk.rfind(b"\n") + 1
-        self._log_offset += end
-        for slot, pid in _STARTED.findall(chunk[:end].decode(errors="replace")):
-            self.slots[int(slot)] = int(pid)
-            self.incarnations.append((int(slot), int(pid)))
-        return self.slots
+        with self._slots_lock:
+            with open(self.ws.log_path, "rb") as log:
+                log.seek(self._log_offset)
+                chunk = log.read()
+            end = chunk.rfind(b"\n") + 1
+            self._log_offset += end
+            for slot, pid in _STARTED.findall(chunk[:end].decode(errors="replace")):
+                self.slots[int(slot)] = int(pid)
+                self.incarnations.append((int(slot), int(pid)))
+            return dict(self.slots)
 
-    def scrape(self, pids: set[int], tries: int = 40) -> dict[int, dict[str, float]]:
-        """GET /metrics until each of ``pids`` answered (SO_REUSEPORT picks a worker per connection)."""
+    def scrape(self, pids: set[int], tries: int = 40, budget: float = 2.0) -> dict[int, dict[str, float]]:
+        """GET /metrics until each of ``pids`` answered (SO_REUSEPORT picks a worker per connection).
+
+        At most ``tries`` requests and ``budget`` seconds: a worker just killed,
+        or restarted and not listening yet, never answers, and a sample must
+        not hold up the next one.
+        """
         found: dict[int, dict[str, float]] = {}
         port = self.ws.ports[0]
+        deadline = time.monotonic() + budget
+        pids = {pid for pid in pids if psutil.pid_exists(pid)}
         for _ in range(tries):
-            if pids <= found.keys():
+            if pids <= found.keys() or time.monotonic() >= deadline:
                 break
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as response:
@@ -919,25 +928,56 @@ class Soak:
                 pg.stop()
 
     def load(self, agents: Agents, clients: list[int], publisher: int, pg: Postgres, sampler: Sampler) -> None:
-        """Run the load for the planned time: faults on schedule, samples, a progress line every 10 s."""
+        """Run the load for the planned time: faults on schedule, samples, a progress line every 10 s.
+
+        Faults are injected here; samples and progress lines are taken in
+        threads of their own, so that a slow sample (a busy machine, a worker
+        just killed) or a slow answer from the agents never delays a fault or
+        leaves a window of the run without samples.
+        """
         plan = self.plan
         schedule = plan.faults()
         every = max(1.0, min(10.0, plan.seconds / 120))
-        next_sample = next_progress = 0.0
-        while (t := self.elapsed()) < plan.seconds:
-            if schedule and t >= schedule[0][0]:
-                _, fault = schedule.pop(0)
-                outcome = self.inject(fault, pg, sampler)
-                self.faults.append((t, fault, outcome))
-                self.say(f"soak: [{t:5.0f}s] fault: {outcome}")
-                continue
-            if t >= next_sample:
-                sampler.sample(t)
-                next_sample = t + every
-            if t >= next_progress:
-                self.progress(t, agents, clients, publisher, sampler)
-                next_progress += 10.0
-            time.sleep(0.05)
+        stop = threading.Event()
+        failures: list[BaseException] = []
+
+        def repeat(action: Callable[[], None], interval: float) -> Callable[[], None]:
+            def run() -> None:
+                try:
+                    due = self.elapsed()
+                    while not stop.is_set():
+                        action()
+                        due = max(due + interval, self.elapsed())
+                        stop.wait(due - self.elapsed())
+                except BaseException as exc:
+                    failures.append(exc)
+
+            return run
+
+        observers = [
+            threading.Thread(target=repeat(lambda: sampler.sample(self.elapsed()), every), name="soak-sampler"),
+            threading.Thread(
+                target=repeat(lambda: self.progress(self.elapsed(), agents, clients, publisher, sampler), 10.0),
+                name="soak-progress",
+            ),
+        ]
+        for observer in observers:
+            observer.start()
+        try:
+            while (t := self.elapsed()) < plan.seconds and not failures:
+                if schedule and t >= schedule[0][0]:
+                    _, fault = schedule.pop(0)
+                    outcome = self.inject(fault, pg, sampler)
+                    self.faults.append((t, fault, outcome))
+                    self.say(f"soak: [{t:5.0f}s] fault: {outcome}")
+                else:
+                    time.sleep(0.05)
+        finally:
+            stop.set()
+            for observer in observers:
+                observer.join(120)
+        if failures:
+            raise failures[0]
 
     def progress(self, t: float, agents: Agents, clients: list[int], publisher: int, sampler: Sampler) -> None:
         statuses = agents.call(clients, "status", timeout=30)
