@@ -238,14 +238,21 @@ def closed_code(ws: ClientConnection) -> int:
 
 
 @contextlib.contextmanager
-def web_server(args: list[str], settings_module: str = "project.settings") -> Iterator[str]:
+def web_server(
+    args: list[str], settings_module: str = "project.settings", extra_env: dict[str, str] | None = None
+) -> Iterator[str]:
     """Run a web server for the demo project against the test database; yield its base URL.
 
     ``args`` is the command, with ``{port}`` standing for a free loopback port;
     it is ready once ``/admin/login/`` answers, and terminated afterwards.
     """
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": database_url_for_tests(), "DJANGO_SETTINGS_MODULE": settings_module}
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url_for_tests(),
+        "DJANGO_SETTINGS_MODULE": settings_module,
+        **(extra_env or {}),
+    }
     command = [arg.format(port=port) for arg in args]
     server = subprocess.Popen(command, cwd=BASE_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"

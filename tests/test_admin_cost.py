@@ -4,15 +4,19 @@ The change form, the change list, the index and an object's history page each re
 event id once (the page's client replays what was committed after it); with ``PRESENCE_TOPICS``
 announcing model topics, the change form and the change list read who else is there (one more).
 
-``REALTIME_MEASURE_ADMIN=1`` also measures, in one run, the time of 200 change-list and 200
-change-form requests (Django's test client, in process) with the feature on and off, interleaved,
-and prints the numbers; a test asserts no timing (the machine is shared).
+``REALTIME_MEASURE_ADMIN=1`` also measures the time of 200 requests per page (change list, change
+form, index, history) with the feature on and off, interleaved, in process (Django's test client)
+and served by gunicorn (as it timed them), and prints the numbers; no test asserts a time (the
+machine is shared).
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import statistics
+import sys
 import time
 
 import pytest
@@ -21,7 +25,7 @@ from django.db import connection
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
-from tests.helpers import logged_in, make_user
+from tests.helpers import logged_in, make_user, web_server
 
 pytestmark = pytest.mark.django_db
 
@@ -87,38 +91,105 @@ def test_change_form_costs_one_query():
     assert queries(client, url, ON) == queries(client, url, OFF) + 1
 
 
-@pytest.mark.skipif(not os.environ.get("REALTIME_MEASURE_ADMIN"), reason="set REALTIME_MEASURE_ADMIN=1 to measure")
-def test_measure_page_load_with_and_without(capsys):
-    """Print the time of 200 requests per page and setting (interleaved rounds of 10)."""
-    client = logged_in(make_user("root", staff=True, superuser=True))
+MEASURE = pytest.mark.skipif(not os.environ.get("REALTIME_MEASURE_ADMIN"), reason="set REALTIME_MEASURE_ADMIN=1")
+ROUNDS, PER_ROUND = 20, 10  # 200 requests per page and setting, in interleaved rounds of 10
+
+
+def measured_pages() -> dict[str, str]:
+    """The four live pages, on a change list of 100 groups."""
     make_groups(100)
     first = Group.objects.order_by("pk").first().pk
-    pages = {"change list (100 rows)": "/admin/auth/group/"}
-    pages["change form"] = f"/admin/auth/group/{first}/change/"
-    pages["index"] = "/admin/"
-    pages["history"] = f"/admin/auth/group/{first}/history/"
+    return {
+        "change list (100 rows)": "/admin/auth/group/",
+        "change form": f"/admin/auth/group/{first}/change/",
+        "index": "/admin/",
+        "history": f"/admin/auth/group/{first}/history/",
+    }
+
+
+def report(title: str, pages: dict[str, str], samples: dict[tuple[str, str], list[float]], client) -> None:
+    """Print the median and mean of each page with and without the live admin, and their queries."""
+    print(f"\n{title}")
+    for name, url in pages.items():
+        on, off = samples[name, "on"], samples[name, "off"]
+        med_on, med_off = statistics.median(on) * 1000, statistics.median(off) * 1000
+        mean_on, mean_off = statistics.fmean(on) * 1000, statistics.fmean(off) * 1000
+        print(
+            f"{name}: {len(on)} requests each; median {med_on:.2f} ms with, {med_off:.2f} ms without "
+            f"({(med_on / med_off - 1) * 100:+.1f} %); mean {mean_on:.2f} / {mean_off:.2f} ms "
+            f"({(mean_on / mean_off - 1) * 100:+.1f} %); queries {queries(client, url, ON)} with, "
+            f"{queries(client, url, OFF)} without"
+        )
+
+
+@MEASURE
+def test_measure_page_load_with_and_without(capsys):
+    """Print the time of 200 requests per page and setting in process (Django's test client, which also
+    records every template's context: more templates cost more here than in a server)."""
+    client = logged_in(make_user("root", staff=True, superuser=True))
+    pages = measured_pages()
     samples: dict[tuple[str, str], list[float]] = {(p, s): [] for p in pages for s in ("on", "off")}
     for url in pages.values():  # warm up templates and caches
         for realtime in (ON, OFF):
             with override_settings(REALTIME=realtime):
                 client.get(url)
-    for _ in range(20):
+    for _ in range(ROUNDS):
         for name, url in pages.items():
             for label, realtime in (("on", ON), ("off", OFF)):
                 with override_settings(REALTIME=realtime):
-                    for _ in range(10):
+                    for _ in range(PER_ROUND):
                         start = time.perf_counter()
                         client.get(url)
                         samples[name, label].append(time.perf_counter() - start)
     with capsys.disabled():
-        print()
-        for name in pages:
-            on, off = samples[name, "on"], samples[name, "off"]
-            med_on, med_off = statistics.median(on) * 1000, statistics.median(off) * 1000
-            mean_on, mean_off = statistics.fmean(on) * 1000, statistics.fmean(off) * 1000
-            print(
-                f"{name}: {len(on)} requests each; median {med_on:.2f} ms with, {med_off:.2f} ms without "
-                f"({(med_on / med_off - 1) * 100:+.1f} %); mean {mean_on:.2f} / {mean_off:.2f} ms "
-                f"({(mean_on / mean_off - 1) * 100:+.1f} %); queries {queries(client, pages[name], ON)} with, "
-                f"{queries(client, pages[name], OFF)} without"
-            )
+        report("In process (Django's test client):", pages, samples, client)
+
+
+@MEASURE
+@pytest.mark.django_db(transaction=True)
+def test_measure_page_load_through_gunicorn(capsys, tmp_path):
+    """Print the time of 200 requests per page and setting served by gunicorn (one sync worker per setting,
+    side by side), as gunicorn timed them (its access log's %(D)s: the server's own time)."""
+    client = logged_in(make_user("root", staff=True, superuser=True))
+    cookie = f"sessionid={client.cookies['sessionid'].value}"
+    pages = measured_pages()
+    logs = {label: tmp_path / f"{label}.log" for label in ("on", "off")}
+
+    def gunicorn(label: str):
+        command = [sys.executable, "-m", "gunicorn", "project.wsgi", "-b", "127.0.0.1:{port}", "-w", "1"]
+        command += ["--access-logfile", str(logs[label]), "--access-logformat", "%(U)s %(D)s"]
+        overrides = json.dumps(ON if label == "on" else OFF)
+        return web_server(command, "tests.worker_settings", {"REALTIME_TEST_OVERRIDES": overrides})
+
+    def get(base: str, url: str) -> None:
+        host, port = base.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            connection.request("GET", url, headers={"Cookie": cookie})
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 200, (url, response.status)
+        finally:
+            connection.close()
+
+    with gunicorn("on") as on_base, gunicorn("off") as off_base:
+        bases = {"on": on_base, "off": off_base}
+        for base in bases.values():  # warm up templates, caches and connections
+            for url in pages.values():
+                for _ in range(PER_ROUND):
+                    get(base, url)
+        marks = {label: len(logs[label].read_text().splitlines()) for label in bases}
+        for _ in range(ROUNDS):
+            for url in pages.values():
+                for base in bases.values():
+                    for _ in range(PER_ROUND):
+                        get(base, url)
+        time.sleep(0.5)  # the access log is written after the response
+    samples: dict[tuple[str, str], list[float]] = {(p, s): [] for p in pages for s in ("on", "off")}
+    by_url = {url: name for name, url in pages.items()}
+    for label in bases:
+        for line in logs[label].read_text().splitlines()[marks[label] :]:
+            url, micros = line.split()
+            samples[by_url[url], label].append(int(micros) / 1e6)
+    with capsys.disabled():
+        report("Served by gunicorn (its own time per request):", pages, samples, client)
