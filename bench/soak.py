@@ -96,6 +96,8 @@ MEASURES = ("rss", "blocks", "fds", "threads", "tasks", "connections", "registry
 # Threads are judged at rest (Rest): the worker's pool follows the load of its last seconds, so a
 # fault round's login burst just before a window says nothing about leaks.
 FLAT = ("rss", "fds_other", "tasks_other", "presence_other", "registry_keys", "pg")
+# Seconds after the planned end by which load()'s last sample is still the end of the load.
+END_SLACK = 5.0
 # How long after the load a worker's threads may take to come back to its quietest, beyond the
 # pool's own idle time (realtime.worker.server.THREAD_IDLE_RELEASE).
 REST_MARGIN = 10.0
@@ -396,7 +398,8 @@ class Sampler:
             if pids <= found.keys() or time.monotonic() >= deadline:
                 break
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as response:
+                timeout = max(0.1, min(1.0, deadline - time.monotonic()))
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as response:
                     text = response.read().decode()
             except OSError:
                 continue
@@ -695,8 +698,10 @@ def check_flat(samples: list[dict[str, Any]], plan: Plan) -> list[Flat]:
     first fault round, before the second), the end the median over the last 5 %.
     A measure may grow by 5 % of its baseline, plus one for counts; the
     measures that are differences ("besides the clients' share") also by 2 % of
-    the clients the worker holds, the noise of their terms. RSS in runs shorter
-    than ``RSS_MINUTES`` may grow by ``SHORT_RUN_RSS_LIMIT``.
+    the clients the worker holds, the noise of their terms; the registry's index
+    keys by as many keys per extra client as it had per client in the baseline
+    window. RSS in runs shorter than ``RSS_MINUTES`` may grow by
+    ``SHORT_RUN_RSS_LIMIT``.
 
     Why this worker alone, and these measures: each fault round moves the
     killed worker's clients onto it, and the steady tabs' rotation spreads them
@@ -708,7 +713,8 @@ def check_flat(samples: list[dict[str, Any]], plan: Plan) -> list[Flat]:
     Its threads are judged at rest instead (:func:`threads_at_rest`).
     """
     t = plan.seconds
-    windows = (0.25 * t, 0.35 * t), (0.95 * t, t + 1)
+    # The end window also takes load()'s last sample, taken once the sampling thread stopped.
+    windows = (0.25 * t, 0.35 * t), (0.95 * t, t + END_SLACK)
     survivor = 1 - plan.victim_slot
 
     def value(measure: str) -> Callable[[dict[str, Any]], float | None]:
@@ -721,6 +727,7 @@ def check_flat(samples: list[dict[str, Any]], plan: Plan) -> list[Flat]:
         return get
 
     clients = _median(samples, *windows[1], value("connections")) or 0.0
+    clients_before = _median(samples, *windows[0], value("connections")) or 0.0
     out = []
     for measure in FLAT:
         baseline = _median(samples, *windows[0], value(measure))
@@ -734,6 +741,11 @@ def check_flat(samples: list[dict[str, Any]], plan: Plan) -> list[Flat]:
         if measure == "pg":
             # Pools open connections lazily, up to their sizes: judged against the worker's budget.
             allowed = max(allowed, PG_BUDGET - (baseline or 0.0))
+        if measure == "registry_keys" and clients_before:
+            # Its users, sessions and topics: more clients (a fault round moved the killed worker's onto
+            # it) bring at most as many keys each as its clients had in the baseline window (fewer: the
+            # same users and groups recur); a leak shows where its clients are as many as before.
+            allowed += (baseline or 0.0) / clients_before * max(0.0, clients - clients_before)
         if measure == "presence_other":
             # The written picture lags the live one by a presence round (2 s): that much churn.
             allowed += plan.churn_rate * PRESENCE_LAG
@@ -974,8 +986,12 @@ class Soak:
                     time.sleep(0.05)
         finally:
             stop.set()
-            for observer in observers:
-                observer.join(120)
+            sampling, progress = observers
+            sampling.join(120)
+            if not failures:
+                # The end window's sample, whatever the sampling thread's last one missed.
+                sampler.sample(self.elapsed())
+            progress.join(120)
         if failures:
             raise failures[0]
 
@@ -1016,8 +1032,7 @@ class Soak:
         from realtime import publish
         from realtime.models import Event
 
-        t_end = self.elapsed()
-        sampler.sample(t_end)
+        t_end = sampler.samples[-1]["t"]  # load() took it as the load ended
         published = agents.call([publisher], "stop", timeout=120)[0]
         self.stop_mutating.set()
         mutator.join(30)
@@ -1308,7 +1323,9 @@ class Report:
             " (bounded by the users, groups, topics and sessions there are) and PostgreSQL connections."
             f" Allowed growth: {rss_limit:.0%} of the baseline for RSS (runs under {RSS_MINUTES:g} minutes are"
             " still in the allocator's warm-up), 5 % for the rest, plus one for counts, plus 2 % of its clients"
-            f" for the differences, and for presence the churn of {PRESENCE_LAG:g} s (a presence round) by which"
+            " for the differences, for the registry's index keys as many keys per client it holds beyond its"
+            " baseline clients as it had per client then (its users, sessions and topics recur), and for presence"
+            f" the churn of {PRESENCE_LAG:g} s (a presence round) by which"
             " the written picture may lag the live one. PostgreSQL connections may grow up to the worker's budget"
             f" ({PG_BUDGET}: 2 listener, 4 logins, Django's pool), which its pools fill lazily."
             " Its threads follow the load of its last seconds (an idle thread of its pool stops after 10 s), so"
