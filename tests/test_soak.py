@@ -4,8 +4,12 @@
 PostgreSQL (restarted once), gunicorn, ``runwebsockets --workers 2`` (a worker
 SIGKILLed four times, the listeners terminated four times), 500 steady
 connections, 50 new ones a second, 200 events a second and a burst of 5,000.
-It exits 0 only if every client got exactly what it was entitled to, the
-workers' resources stayed flat, and no log holds a traceback. About 90 s.
+It exits 0 only if every client got exactly what it was entitled to, every
+fault was injected, the surviving worker's threads came back to its quietest
+once the load stopped, and no log holds a traceback. Whether its resources
+stayed flat is reported but not judged in a run this short (one or two
+samples per window, four fault rounds a minute): ``make soak`` (20 minutes)
+judges it. About 2 minutes.
 
 The soak stops every process it starts, also when it fails or is sent
 SIGTERM; should it overrun, this test stops it, and then any PostgreSQL it
@@ -31,7 +35,7 @@ CHECKS = (
     "Tabs of mutable users",
     "Churn connections",
     "Nothing reached anyone not entitled",
-    "Worker 0 (never killed) flat after warm-up",
+    "Worker 0's threads back to its quietest",
     "No traceback in any log",
     "Faults injected and survived",
 )
@@ -51,9 +55,14 @@ def test_one_minute_soak_passes_every_check(tmp_path: Path) -> None:
     output = log_path.read_text(errors="replace")
     assert soak.returncode == 0, f"the soak failed (exit status {soak.returncode}):\n{output[-6000:]}"
     report = (tmp_path / "soak.md").read_text()
-    rows = dict(re.findall(r"^\| ([^|]+?) \| (PASS|\*\*FAIL\*\*) \|", report.split("## Checks", 1)[1], re.MULTILINE))
+    checks = report.split("## Checks", 1)[1]
+    rows = dict(re.findall(r"^\| ([^|]+?) \| (PASS|\*\*FAIL\*\*|not judged) \|", checks, re.MULTILINE))
     for check in CHECKS:
         assert [result for title, result in rows.items() if title.startswith(check)] == ["PASS"], (check, report)
+    # Flatness is measured and shown, though not judged in a minute.
+    flat = [result for title, result in rows.items() if title.startswith("Worker 0 (never killed) flat")]
+    assert flat == ["not judged"], report
+    assert re.search(r"^\| RSS \(MiB\) \| [\d.,]+ \| [\d.,]+ \|", report, re.MULTILINE), report
     # Every client was checked against the outbox, and each kind of fault was injected.
     assert re.search(r"\| Steady tabs of stable users[^|]*\| PASS \| \d+ clients, [1-9][\d,]* events required", report)
     for fault in ("| kill |", "| listeners |", "| pg_restart |"):
