@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,22 @@ ORIGIN = "http://127.0.0.1:8000"
 # The event assert_nothing_more() publishes; numbered, so that each call waits for its own.
 SENTINEL = "sentinel"
 _sentinels = itertools.count(1)
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = WAIT) -> None:
+    """Poll ``condition`` every 10 ms until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        time.sleep(0.01)
+
+
+def proc_status(pid: int, field: str) -> int:
+    """The number of ``field`` (``VmRSS`` in KiB, ``Threads``...) in ``/proc/<pid>/status``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
 def free_port() -> int:

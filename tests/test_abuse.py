@@ -13,19 +13,21 @@ from pathlib import Path
 import pytest
 
 from realtime import publish
-from tests.helpers import ORIGIN, get_token, logged_in, make_user, open_ws, receive_events, start_worker
+from tests.helpers import (
+    ORIGIN,
+    get_token,
+    logged_in,
+    make_user,
+    open_ws,
+    proc_status,
+    receive_events,
+    start_worker,
+)
 from tests.rawws import frame, raw_connect, send_text
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 ABUSERS_PER_KIND = 80  # 4 kinds: 320 bad connections in parallel, bounded in count and time
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def abuse_round(worker, web, good, good_user, mallory, sockets: list[socket.socket]) -> None:
@@ -133,10 +135,10 @@ def test_abuse_in_parallel_hurts_no_one_else():
         publish("warmup", {"blob": "w" * 30_000}, users=[good_user])
         receive_events(good, 1)
         time.sleep(1)
-        rss = [rss_kib(worker.process.pid)]
+        rss = [proc_status(worker.process.pid, "VmRSS")]
         for round_number in range(3):
             abuse_round(worker, web, good, good_user, mallory, sockets)
-            rss.append(rss_kib(worker.process.pid))
+            rss.append(proc_status(worker.process.pid, "VmRSS"))
             print(f"round {round_number + 1}: worker RSS {rss[-1] / 1024:.1f} MiB (baseline {rss[0] / 1024:.1f} MiB)")
         # Memory comes back near the baseline (see realtime/memory.py), and a later round of the
         # same abuse does not grow it much more: nothing leaks per connection. The allocator's

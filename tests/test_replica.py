@@ -27,7 +27,6 @@ from realtime.worker.db import read_conninfo
 from realtime.worker.listener import Listener
 from tests.helpers import (
     BASE_DIR,
-    WAIT,
     WorkerProcess,
     closed_code,
     database_url_for_tests,
@@ -36,6 +35,7 @@ from tests.helpers import (
     make_user,
     open_ws,
     start_worker,
+    wait_until,
 )
 from tests.replica_support import Replica, ReplicaUnavailable, start_replica
 from tests.test_delivery import assert_exactly_once_in_order, client_for, collect, committed_positions
@@ -69,13 +69,6 @@ def replica_worker(replica: Replica, transactional_db: None) -> Iterator[WorkerP
     finally:
         process.stop()
         process.log_path.unlink(missing_ok=True)
-
-
-def wait_until(condition, what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        time.sleep(0.02)
 
 
 def publish_mixed(user, rounds: int, *, pause: float = 0.0) -> None:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
 from realtime.worker.threads import ReleasingExecutor
+from tests.helpers import WAIT, wait_until
 
 RELEASE_AFTER = 0.2
-WAIT = 10.0
 
 
 class Releases:
@@ -24,13 +23,6 @@ class Releases:
     def __call__(self) -> None:
         with self.lock:
             self.by.append(threading.current_thread().name)
-
-
-def wait_until(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, "not within the wait"
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -48,11 +40,11 @@ def executor(releases: Releases):
 def test_a_burst_starts_threads_that_release_and_stop_once_idle(executor: ReleasingExecutor, releases: Releases):
     gate = threading.Event()
     futures = [executor.submit(gate.wait, WAIT) for _ in range(6)]
-    wait_until(lambda: executor.threads == 6)
+    wait_until(lambda: executor.threads == 6, "executor.threads == 6")
     gate.set()
     assert all(f.result(WAIT) for f in futures)
     # Idle for release_after: each one releases its connections, in its own thread, and stops.
-    wait_until(lambda: executor.threads == 0)
+    wait_until(lambda: executor.threads == 0, "executor.threads == 0")
     assert len(releases.by) == 6
     assert len(set(releases.by)) == 6
     # The pool still works after its threads stopped.
@@ -65,7 +57,8 @@ def test_a_trickle_of_work_keeps_one_thread(releases: Releases):
         names = set()
         for _ in range(20):
             names.add(pool.submit(lambda: threading.current_thread().name).result(WAIT))
-            wait_until(lambda: len(pool._idle_inboxes) == 1)  # it hands back its result, then idles
+            # It hands back its result, then idles.
+            wait_until(lambda: len(pool._idle_inboxes) == 1, "len(pool._idle_inboxes) == 1")
         assert len(names) == 1
         assert pool.threads == 1
     finally:
@@ -78,11 +71,11 @@ def test_the_most_recently_idle_thread_takes_the_next_job(executor: ReleasingExe
     second = executor.submit(lambda: threading.current_thread().name)
     second_name = second.result(WAIT)  # two threads: the first is still busy
     # A thread hands back its result before it queues itself as idle: wait for that, in order.
-    wait_until(lambda: len(executor._idle_inboxes) == 1)
+    wait_until(lambda: len(executor._idle_inboxes) == 1, "len(executor._idle_inboxes) == 1")
     gate.set()
     first_name = first.result(WAIT)
     assert first_name != second_name
-    wait_until(lambda: len(executor._idle_inboxes) == 2)
+    wait_until(lambda: len(executor._idle_inboxes) == 2, "len(executor._idle_inboxes) == 2")
     assert executor.submit(lambda: threading.current_thread().name).result(WAIT) == first_name
 
 
@@ -147,7 +140,7 @@ def test_a_release_that_fails_still_stops_the_thread(caplog):
     pool = ReleasingExecutor(1, release_after=RELEASE_AFTER, release=failing_release)
     try:
         assert pool.submit(lambda: 1).result(WAIT) == 1
-        wait_until(lambda: pool.threads == 0)
+        wait_until(lambda: pool.threads == 0, "pool.threads == 0")
         assert "could not close its database connections" in caplog.text
         assert pool.submit(lambda: 2).result(WAIT) == 2  # its place was given back
     finally:

@@ -24,7 +24,16 @@ from realtime import publish
 from realtime.models import Event
 from realtime.worker.server import THREAD_IDLE_RELEASE
 from realtime.worker.verifier import POOL_IDLE_SECONDS, POOL_SIZE
-from tests.helpers import WorkerProcess, get_token, logged_in, make_user, open_ws, receive, start_worker
+from tests.helpers import (
+    WorkerProcess,
+    get_token,
+    logged_in,
+    make_user,
+    open_ws,
+    proc_status,
+    receive,
+    start_worker,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -92,13 +101,6 @@ def test_login_pool_shrinks_back_after_a_burst(worker):
     assert wait_until(lambda: held("realtime-auth") == 1, POOL_IDLE_SECONDS * (POOL_SIZE + 2)), held("realtime-auth")
 
 
-def threads_of(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    raise AssertionError("no Threads: line")
-
-
 @contextlib.contextmanager
 def most_seen(measure: Callable[[], int]) -> Iterator[list[int]]:
     """Sample ``measure`` every 10 ms in a thread while the block runs; the list holds the highest value."""
@@ -137,15 +139,15 @@ def test_idle_threads_close_their_persistent_connections_and_stop(transactional_
         # The topic policy (a query, then a pause) and the replays run in the worker's threads, each
         # on its thread's connection: 32 logins at a time keep many threads busy at once.
         pid = worker.process.pid
-        at_rest = threads_of(pid)
+        at_rest = proc_status(pid, "Threads")
         logins = tokens(4, 16)
-        with most_seen(lambda: threads_of(pid)) as threads_peak:
+        with most_seen(lambda: proc_status(pid, "Threads")) as threads_peak:
             assert burst(worker, logins, name, last_id=first, topics=["news"]) > 1
         assert threads_peak[0] > at_rest + 4, (at_rest, threads_peak)
         # Presence writes every few seconds may keep one thread (and its connection) warm.
         assert wait_until(lambda: held(name) <= 1, THREAD_IDLE_RELEASE + 15), held(name)
         # The burst's threads are gone too: a worker's threads follow its load, not its busiest moment.
-        assert wait_until(lambda: threads_of(pid) <= at_rest + 1, 5), threads_of(pid)
+        assert wait_until(lambda: proc_status(pid, "Threads") <= at_rest + 1, 5), proc_status(pid, "Threads")
         assert "Traceback" not in worker.log()
     finally:
         worker.stop()
