@@ -29,12 +29,12 @@ from tests.helpers import (
     logged_in,
     make_user,
     open_ws,
+    proc_status,
     receive,
     receive_events,
     start_worker,
 )
 from tests.rawws import frame, raw_connect
-from tests.test_abuse import rss_kib
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -87,7 +87,7 @@ def test_ping_flood_before_authentication_is_closed_and_bounded(worker):
     good, _ = open_ws(worker, get_token(logged_in(good_user)))
     publish("warmup", {}, users=[good_user])
     receive_events(good, 1)
-    before = rss_kib(worker.process.pid)
+    before = proc_status(worker.process.pid, "VmRSS")
     raw = raw_connect(worker.port, origin=ORIGIN, rcvbuf=4096)
     result: list[tuple[int, OSError | None]] = []
     started = time.monotonic()
@@ -99,7 +99,7 @@ def test_ping_flood_before_authentication_is_closed_and_bounded(worker):
         assert receive_events(good, 1)[0]["event"] == "meanwhile"
         flood.join(30)
         wait_for_log(worker, "closed 1008: too many pings or fragments")
-        after = rss_kib(worker.process.pid)
+        after = proc_status(worker.process.pid, "VmRSS")
     finally:
         flood.join(30)
         raw.close()

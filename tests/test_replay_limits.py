@@ -10,9 +10,8 @@ import pytest
 from django.db import transaction
 
 from realtime import publish, publish_many
-from tests.helpers import ORIGIN, get_token, logged_in, make_user, open_ws, receive_events, start_worker
+from tests.helpers import ORIGIN, get_token, logged_in, make_user, open_ws, proc_status, receive_events, start_worker
 from tests.rawws import raw_connect, send_text
-from tests.test_abuse import rss_kib
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -30,14 +29,14 @@ def test_clients_that_never_read_their_replay_pin_little_memory(transactional_db
             for n in range(100):
                 publish("big", {"n": n, "blob": blob}, everyone=True)
         receive_events(good, 100, timeout=60)
-        before = rss_kib(worker.process.pid)
+        before = proc_status(worker.process.pid, "VmRSS")
         sockets = []
         for _ in range(8):
             sock = raw_connect(worker.port, rcvbuf=4096, origin=ORIGIN)
             send_text(sock, json.dumps({"type": "auth", "token": get_token(web), "last_id": welcome["last_id"]}))
             sockets.append(sock)
         time.sleep(3)  # the replays run until their sockets' buffers are full
-        grown_mib = (rss_kib(worker.process.pid) - before) / 1024
+        grown_mib = (proc_status(worker.process.pid, "VmRSS") - before) / 1024
         publish("small", {}, users=[alice])
         assert receive_events(good, 1)[0]["event"] == "small"
         for sock in sockets:
